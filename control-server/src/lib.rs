@@ -1,0 +1,19 @@
+//! The peermesh control server (seed 004's control server, seed 002's
+//! rendezvous): groups of nodes, join tokens, network maps streamed as
+//! deltas, link status, all behind a tonic gRPC API with state in sled.
+//!
+//! - [`registry`]: the control-plane logic and per-group change hubs.
+//! - [`store`]: the sled schema.
+//! - [`api`]: the gRPC services (node and admin).
+//! - [`server`]: data directory, admin credential and listener.
+
+pub mod api;
+pub mod error;
+pub mod registry;
+pub mod secrets;
+pub mod server;
+pub mod store;
+pub mod validate;
+
+pub use error::ControlError;
+pub use server::Server;

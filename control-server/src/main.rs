@@ -1,1 +1,460 @@
-fn main() {}
+//! `control-server`: run the peermesh control server, or administer one.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use peermesh_control_server::server::{self, Server};
+use peermesh_proto::api::{
+    admin_client::AdminClient, CreateGroupRequest, CreateTokenRequest, LinkTableRequest,
+    ListGroupsRequest, ListNodesRequest, ListTokensRequest, NodeState, PathKind, RemoveNodeRequest,
+    RevokeTokenRequest,
+};
+use serde_json::json;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(
+    name = "control-server",
+    version,
+    about = "The peermesh control server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server in the foreground.
+    Serve {
+        /// Address for the gRPC API (node and admin services).
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: SocketAddr,
+        /// Data directory: the sled database and admin.token.
+        #[arg(long, default_value = "./control-data")]
+        data: PathBuf,
+    },
+    /// Administer a running server.
+    Admin {
+        /// The server's URL.
+        #[arg(long, default_value = "http://127.0.0.1:7443")]
+        server: String,
+        /// The server's data directory, to read admin.token from.
+        #[arg(long, default_value = "./control-data", conflicts_with = "admin_token")]
+        data: PathBuf,
+        /// The admin credential itself, instead of reading it from --data.
+        #[arg(long, env = "PEERMESH_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Create a group (a subset of nodes that form one mesh).
+    CreateGroup { name: String },
+    /// List groups.
+    Groups {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a join token; prints the token alone on stdout.
+    CreateToken {
+        #[arg(long)]
+        group: String,
+        /// Lifetime, e.g. 30m, 12h, 7d (default 24h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// How many nodes may join with it (default: unlimited until expiry).
+        #[arg(long, default_value_t = 0)]
+        uses: u32,
+    },
+    /// List join tokens (ids only; the secrets are shown once, at creation).
+    Tokens {
+        #[arg(long, default_value = "")]
+        group: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a join token (the token or its id) and the nodes that joined with it.
+    RevokeToken {
+        token: String,
+        /// Only stop new joins; nodes that joined with the token stay.
+        #[arg(long)]
+        keep_nodes: bool,
+    },
+    /// List nodes.
+    Nodes {
+        #[arg(long, default_value = "")]
+        group: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node (by id or name) from its group.
+    RemoveNode {
+        node: String,
+        #[arg(long, default_value = "")]
+        group: String,
+    },
+    /// The link table: every node's view of its links (path, RTT, loss).
+    Links {
+        #[arg(long, default_value = "")]
+        group: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sled=warn,h2=warn,tower=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { listen, data } => {
+            init_tracing();
+            serve(listen, &data).await
+        }
+        Command::Admin {
+            server,
+            data,
+            admin_token,
+            action,
+        } => {
+            let credential = match admin_token {
+                Some(t) => t,
+                None => {
+                    let path = data.join(server::ADMIN_TOKEN_FILE);
+                    std::fs::read_to_string(&path)
+                        .with_context(|| {
+                            format!(
+                                "reading the admin credential from {} (use --data or --admin-token)",
+                                path.display()
+                            )
+                        })?
+                        .trim()
+                        .to_string()
+                }
+            };
+            admin(&server, &credential, action).await
+        }
+    }
+}
+
+async fn serve(listen: SocketAddr, data: &Path) -> Result<()> {
+    let server = Server::bind(listen, data)
+        .await
+        .context("starting the control server")?;
+    let addr = server.local_addr()?;
+    tracing::info!(%addr, data = %data.display(), server_id = server.registry.server_id(), "control server listening");
+    // A line that scripts and tests can wait for.
+    println!("control-server listening on {addr}");
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    server.serve(shutdown).await?;
+    Ok(())
+}
+
+type Admin = AdminClient<
+    InterceptedService<
+        Channel,
+        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
+    >,
+>;
+
+async fn connect(url: &str, credential: &str) -> Result<Admin> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("invalid server URL {url:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the control server at {url}"))?;
+    let header: MetadataValue<_> = format!("Bearer {credential}")
+        .parse()
+        .context("the admin credential is not valid header text")?;
+    let intercept: Box<
+        dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send,
+    > = Box::new(move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", header.clone());
+        Ok(req)
+    });
+    Ok(AdminClient::with_interceptor(channel, intercept))
+}
+
+fn status_err(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
+    move |s| anyhow::anyhow!("{what}: {} ({:?})", s.message(), s.code())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// "3m ago", "in 2h", or "-" for zero.
+fn relative(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let now = now_ms();
+    let fmt = |d: u64| humantime::format_duration(Duration::from_secs(d / 1000)).to_string();
+    if ms <= now {
+        format!("{} ago", fmt(now - ms))
+    } else {
+        format!("in {}", fmt(ms - now))
+    }
+}
+
+fn path_name(p: i32) -> &'static str {
+    match PathKind::try_from(p) {
+        Ok(PathKind::Connecting) => "connecting",
+        Ok(PathKind::Relay) => "relay",
+        Ok(PathKind::Direct) => "direct",
+        Ok(PathKind::Forwarded) => "forwarded",
+        _ => "unknown",
+    }
+}
+
+fn state_name(s: i32) -> &'static str {
+    match NodeState::try_from(s) {
+        Ok(NodeState::Active) => "active",
+        Ok(NodeState::Revoked) => "revoked",
+        _ => "unknown",
+    }
+}
+
+async fn admin(url: &str, credential: &str, action: AdminAction) -> Result<()> {
+    let mut c = connect(url, credential).await?;
+    match action {
+        AdminAction::CreateGroup { name } => {
+            let g = c
+                .create_group(CreateGroupRequest { name })
+                .await
+                .map_err(status_err("create-group"))?
+                .into_inner();
+            println!("created group {}", g.name);
+        }
+        AdminAction::Groups { json } => {
+            let groups = c
+                .list_groups(ListGroupsRequest {})
+                .await
+                .map_err(status_err("groups"))?
+                .into_inner()
+                .groups;
+            if json {
+                let v: Vec<_> = groups
+                    .iter()
+                    .map(|g| json!({"name": g.name, "nodes": g.node_count, "created_ms": g.created_ms}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<24} {:>6}  CREATED", "GROUP", "NODES");
+                for g in groups {
+                    println!(
+                        "{:<24} {:>6}  {}",
+                        g.name,
+                        g.node_count,
+                        relative(g.created_ms)
+                    );
+                }
+            }
+        }
+        AdminAction::CreateToken { group, ttl, uses } => {
+            let r = c
+                .create_token(CreateTokenRequest {
+                    group,
+                    ttl_seconds: ttl.map_or(0, |d| d.as_secs().max(1)),
+                    max_uses: uses,
+                })
+                .await
+                .map_err(status_err("create-token"))?
+                .into_inner();
+            if let Some(info) = &r.info {
+                eprintln!(
+                    "token {} for group {} expires {}",
+                    info.token_id,
+                    info.group,
+                    relative(info.expires_ms)
+                );
+            }
+            println!("{}", r.token);
+        }
+        AdminAction::Tokens { group, json } => {
+            let tokens = c
+                .list_tokens(ListTokensRequest { group })
+                .await
+                .map_err(status_err("tokens"))?
+                .into_inner()
+                .tokens;
+            let now = now_ms();
+            let state = |t: &peermesh_proto::api::TokenInfo| {
+                if t.revoked {
+                    "revoked"
+                } else if t.expires_ms <= now {
+                    "expired"
+                } else if t.max_uses != 0 && t.uses >= t.max_uses {
+                    "used up"
+                } else {
+                    "valid"
+                }
+            };
+            if json {
+                let v: Vec<_> = tokens
+                    .iter()
+                    .map(|t| {
+                        json!({"token_id": t.token_id, "group": t.group, "state": state(t),
+                               "uses": t.uses, "max_uses": t.max_uses,
+                               "created_ms": t.created_ms, "expires_ms": t.expires_ms})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<18} {:<16} {:<8} {:>9}  EXPIRES",
+                    "TOKEN ID", "GROUP", "STATE", "USES"
+                );
+                for t in &tokens {
+                    let uses = if t.max_uses == 0 {
+                        format!("{}", t.uses)
+                    } else {
+                        format!("{}/{}", t.uses, t.max_uses)
+                    };
+                    println!(
+                        "{:<18} {:<16} {:<8} {:>9}  {}",
+                        t.token_id,
+                        t.group,
+                        state(t),
+                        uses,
+                        relative(t.expires_ms)
+                    );
+                }
+            }
+        }
+        AdminAction::RevokeToken { token, keep_nodes } => {
+            let r = c
+                .revoke_token(RevokeTokenRequest { token, keep_nodes })
+                .await
+                .map_err(status_err("revoke-token"))?
+                .into_inner();
+            let id = r.info.map(|i| i.token_id).unwrap_or_default();
+            println!(
+                "revoked token {id}; {} node(s) revoked with it",
+                r.revoked_nodes.len()
+            );
+            for n in r.revoked_nodes {
+                println!("  {n}");
+            }
+        }
+        AdminAction::Nodes { group, json } => {
+            let mut nodes = c
+                .list_nodes(ListNodesRequest { group })
+                .await
+                .map_err(status_err("nodes"))?
+                .into_inner()
+                .nodes;
+            nodes.sort_by(|a, b| (&a.group, &a.name).cmp(&(&b.group, &b.name)));
+            if json {
+                let v: Vec<_> = nodes
+                    .iter()
+                    .map(|n| {
+                        json!({"id": n.node_id, "name": n.name, "group": n.group,
+                               "state": state_name(n.state), "online": n.online,
+                               "addresses": n.addresses, "joined_ms": n.joined_ms,
+                               "last_seen_ms": n.last_seen_ms, "token_id": n.token_id})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<16} {:<20} {:<54} {:<8} {:<8} LAST SEEN",
+                    "GROUP", "NAME", "ID", "STATE", "ONLINE"
+                );
+                for n in &nodes {
+                    println!(
+                        "{:<16} {:<20} {:<54} {:<8} {:<8} {}",
+                        n.group,
+                        n.name,
+                        n.node_id,
+                        state_name(n.state),
+                        if n.online { "yes" } else { "no" },
+                        relative(n.last_seen_ms)
+                    );
+                }
+            }
+        }
+        AdminAction::RemoveNode { node, group } => {
+            let r = c
+                .remove_node(RemoveNodeRequest { node, group })
+                .await
+                .map_err(status_err("remove-node"))?
+                .into_inner();
+            println!("removed node {}", r.node_id);
+        }
+        AdminAction::Links { group, json } => {
+            let links = c
+                .link_table(LinkTableRequest { group })
+                .await
+                .map_err(status_err("links"))?
+                .into_inner()
+                .links;
+            if json {
+                let v: Vec<_> = links
+                    .iter()
+                    .filter_map(|e| {
+                        let l = e.link.as_ref()?;
+                        Some(
+                            json!({"group": e.group, "from": e.from_node, "from_name": e.from_name,
+                               "to": l.peer_id, "to_name": e.to_name, "path": path_name(l.path),
+                               "via": l.via, "rtt_ms": l.rtt_ms, "loss": l.loss,
+                               "bytes_in": l.bytes_in, "bytes_out": l.bytes_out,
+                               "reported_ms": e.reported_ms}),
+                        )
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<14} {:<18} {:<18} {:<11} {:>9} {:>6}  REPORTED",
+                    "GROUP", "FROM", "TO", "PATH", "RTT", "LOSS"
+                );
+                for e in &links {
+                    let Some(l) = &e.link else { continue };
+                    let rtt = l.rtt_ms.map_or("-".into(), |r| format!("{r:.1}ms"));
+                    println!(
+                        "{:<14} {:<18} {:<18} {:<11} {:>9} {:>5.1}%  {}",
+                        e.group,
+                        e.from_name,
+                        e.to_name,
+                        path_name(l.path),
+                        rtt,
+                        l.loss * 100.0,
+                        relative(e.reported_ms)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -39,8 +39,14 @@ mod tests {
 
     #[test]
     fn fields_cannot_slide_into_each_other() {
-        assert_ne!(join_payload("ab", b"k", "c", 1), join_payload("a", b"k", "bc", 1));
-        assert_ne!(join_payload("t", b"k", "n", 1), join_payload("t", b"k", "n", 2));
+        assert_ne!(
+            join_payload("ab", b"k", "c", 1),
+            join_payload("a", b"k", "bc", 1)
+        );
+        assert_ne!(
+            join_payload("t", b"k", "n", 1),
+            join_payload("t", b"k", "n", 2)
+        );
         assert_ne!(auth_payload("s", b"k", 1), auth_payload("s", b"k", 2));
         assert_ne!(auth_payload("s", b"kk", 1), auth_payload("sk", b"k", 1));
     }

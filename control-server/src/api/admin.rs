@@ -1,0 +1,130 @@
+//! Admin: what operators call, with the credential from `<data>/admin.token`.
+
+use std::sync::Arc;
+
+use peermesh_proto::api::{
+    admin_server::Admin, CreateGroupRequest, CreateTokenRequest, CreateTokenResponse, GroupInfo,
+    LinkTableRequest, LinkTableResponse, ListGroupsRequest, ListGroupsResponse, ListNodesRequest,
+    ListNodesResponse, ListTokensRequest, ListTokensResponse, RemoveNodeRequest,
+    RemoveNodeResponse, RevokeTokenRequest, RevokeTokenResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::registry::Registry;
+use crate::secrets;
+
+pub struct AdminApi {
+    registry: Arc<Registry>,
+    credential_digest: [u8; 32],
+}
+
+impl AdminApi {
+    pub fn new(registry: Arc<Registry>, admin_credential: &str) -> Self {
+        Self {
+            registry,
+            credential_digest: secrets::digest(admin_credential),
+        }
+    }
+
+    fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let given = super::bearer(req.metadata())?;
+        if secrets::digest_eq(&secrets::digest(given), &self.credential_digest) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("wrong admin credential"))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn create_group(
+        &self,
+        req: Request<CreateGroupRequest>,
+    ) -> Result<Response<GroupInfo>, Status> {
+        self.check(&req)?;
+        Ok(Response::new(
+            self.registry.create_group(&req.get_ref().name).await?,
+        ))
+    }
+
+    async fn list_groups(
+        &self,
+        req: Request<ListGroupsRequest>,
+    ) -> Result<Response<ListGroupsResponse>, Status> {
+        self.check(&req)?;
+        Ok(Response::new(ListGroupsResponse {
+            groups: self.registry.list_groups()?,
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        self.check(&req)?;
+        let r = req.get_ref();
+        let (token, info) = self
+            .registry
+            .create_token(&r.group, r.ttl_seconds, r.max_uses)
+            .await?;
+        Ok(Response::new(CreateTokenResponse {
+            token,
+            info: Some(info),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        self.check(&req)?;
+        Ok(Response::new(ListTokensResponse {
+            tokens: self.registry.list_tokens(&req.get_ref().group)?,
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        self.check(&req)?;
+        let r = req.get_ref();
+        let (info, revoked_nodes) = self.registry.revoke_token(&r.token, r.keep_nodes).await?;
+        Ok(Response::new(RevokeTokenResponse {
+            info: Some(info),
+            revoked_nodes,
+        }))
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        self.check(&req)?;
+        Ok(Response::new(ListNodesResponse {
+            nodes: self.registry.list_nodes(&req.get_ref().group)?,
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        self.check(&req)?;
+        let r = req.get_ref();
+        Ok(Response::new(RemoveNodeResponse {
+            node_id: self.registry.remove_node(&r.node, &r.group).await?,
+        }))
+    }
+
+    async fn link_table(
+        &self,
+        req: Request<LinkTableRequest>,
+    ) -> Result<Response<LinkTableResponse>, Status> {
+        self.check(&req)?;
+        Ok(Response::new(LinkTableResponse {
+            links: self.registry.link_table(&req.get_ref().group)?,
+        }))
+    }
+}

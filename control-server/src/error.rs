@@ -1,0 +1,55 @@
+//! Typed errors of the control server, and how each maps to a gRPC status.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("storage: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(#[from] prost::DecodeError),
+}
+
+impl ControlError {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::InvalidArgument(msg.into())
+    }
+    pub fn unauthenticated(msg: impl Into<String>) -> Self {
+        Self::Unauthenticated(msg.into())
+    }
+    pub fn not_found(msg: impl Into<String>) -> Self {
+        Self::NotFound(msg.into())
+    }
+}
+
+impl From<ControlError> for Status {
+    fn from(err: ControlError) -> Self {
+        let code = match &err {
+            ControlError::InvalidArgument(_) => Code::InvalidArgument,
+            ControlError::Unauthenticated(_) => Code::Unauthenticated,
+            ControlError::PermissionDenied(_) => Code::PermissionDenied,
+            ControlError::NotFound(_) => Code::NotFound,
+            ControlError::AlreadyExists(_) => Code::AlreadyExists,
+            ControlError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ControlError::Storage(_) | ControlError::Corrupt(_) => {
+                tracing::error!(error = %err, "internal error");
+                Code::Internal
+            }
+        };
+        Status::new(code, err.to_string())
+    }
+}
+
+pub type Result<T, E = ControlError> = std::result::Result<T, E>;

@@ -1,0 +1,985 @@
+//! The control plane's core: groups, join tokens, nodes, sessions and links,
+//! and one [`GroupHub`] per group that turns every change into a versioned
+//! network-map delta for the group's watchers.
+//!
+//! Durable truth lives in sled ([`Store`]); each hub keeps the group's active
+//! members in memory so snapshots and fan-out never touch the disk. Every
+//! change to a group happens under its hub's lock, which is what makes
+//! "snapshot at version V, then every delta above V" exact for a watcher.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use libp2p_identity::{PeerId, PublicKey};
+use peermesh_proto::api::{
+    self, GroupInfo, LinkEntry, LinkReport, NetworkMap, NetworkMapUpdate, NodeInfo, NodeState,
+    PathKind, Peer, TokenInfo,
+};
+use peermesh_proto::signing;
+use peermesh_proto::store::v1::{GroupRecord, LinkRecord, NodeRecord, SessionRecord, TokenRecord};
+use tokio::sync::broadcast;
+
+use crate::error::{ControlError, Result};
+use crate::secrets;
+use crate::store::Store;
+use crate::validate;
+
+/// Milliseconds since the Unix epoch; injectable so expiry can be tested
+/// without sleeping.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    })
+}
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub session_ttl_ms: u64,
+    pub default_token_ttl_ms: u64,
+    /// How far a signed timestamp may be from the server's clock.
+    pub clock_skew_ms: u64,
+    /// Events a watcher may fall behind before it is sent a fresh full map.
+    pub watch_backlog: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            session_ttl_ms: 24 * 3600 * 1000,
+            default_token_ttl_ms: 24 * 3600 * 1000,
+            clock_skew_ms: 5 * 60 * 1000,
+            watch_backlog: 4096,
+        }
+    }
+}
+
+/// Longest token lifetime accepted (about ten years); keeps expiry arithmetic
+/// far from overflow.
+const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemovalReason {
+    Revoked,
+    Removed,
+    Left,
+}
+
+impl RemovalReason {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Revoked => "this node was revoked by an administrator",
+            Self::Removed => "this node was removed by an administrator",
+            Self::Left => "this node left its group",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum GroupEvent {
+    Upsert {
+        version: u64,
+        peer: Arc<Peer>,
+    },
+    Removed {
+        version: u64,
+        node_id: Arc<str>,
+        reason: RemovalReason,
+    },
+}
+
+impl GroupEvent {
+    pub fn version(&self) -> u64 {
+        match self {
+            Self::Upsert { version, .. } | Self::Removed { version, .. } => *version,
+        }
+    }
+
+    pub fn to_update(&self) -> NetworkMapUpdate {
+        let (version, kind) = match self {
+            Self::Upsert { version, peer } => (
+                *version,
+                api::network_map_update::Kind::PeerUpsert((**peer).clone()),
+            ),
+            Self::Removed {
+                version, node_id, ..
+            } => (
+                *version,
+                api::network_map_update::Kind::PeerRemoved(node_id.to_string()),
+            ),
+        };
+        NetworkMapUpdate {
+            version,
+            kind: Some(kind),
+        }
+    }
+}
+
+struct GroupState {
+    version: u64,
+    /// Active members, as peers see them.
+    members: BTreeMap<String, Peer>,
+    /// Every name in use in the group (active and revoked nodes) → node id.
+    names: HashMap<String, String>,
+    /// Open watch streams per node; a node is online while it has one.
+    watchers: HashMap<String, usize>,
+}
+
+pub struct GroupHub {
+    state: Mutex<GroupState>,
+    tx: broadcast::Sender<GroupEvent>,
+}
+
+impl GroupHub {
+    fn new(backlog: usize) -> Self {
+        Self {
+            state: Mutex::new(GroupState {
+                version: 0,
+                members: BTreeMap::new(),
+                names: HashMap::new(),
+                watchers: HashMap::new(),
+            }),
+            tx: broadcast::channel(backlog).0,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GroupState> {
+        // A panic while holding the lock leaves consistent data (every
+        // mutation is a single assignment), so poisoning is not fatal.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a change and tells the watchers, under the lock held by `st`.
+    fn publish(&self, st: &mut GroupState, change: Change) {
+        st.version += 1;
+        let version = st.version;
+        let event = match change {
+            Change::Upsert(peer) => {
+                st.members.insert(peer.node_id.clone(), peer.clone());
+                GroupEvent::Upsert {
+                    version,
+                    peer: Arc::new(peer),
+                }
+            }
+            Change::Remove(node_id, reason) => {
+                st.members.remove(&node_id);
+                GroupEvent::Removed {
+                    version,
+                    node_id: node_id.into(),
+                    reason,
+                }
+            }
+        };
+        // No receivers is fine: nobody is watching.
+        let _ = self.tx.send(event);
+    }
+}
+
+enum Change {
+    Upsert(Peer),
+    Remove(String, RemovalReason),
+}
+
+/// What a watcher starts from.
+pub struct Subscription {
+    pub first: NetworkMapUpdate,
+    pub version: u64,
+    pub events: broadcast::Receiver<GroupEvent>,
+    pub guard: WatchGuard,
+}
+
+/// Marks the node offline when its last watch stream ends.
+pub struct WatchGuard {
+    registry: Arc<Registry>,
+    group: String,
+    node_id: String,
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.registry.watch_closed(&self.group, &self.node_id);
+    }
+}
+
+/// An authenticated node, as resolved from a session credential.
+#[derive(Clone, Debug)]
+pub struct NodeCtx {
+    pub node_id: String,
+    pub group: String,
+}
+
+pub struct Registry {
+    store: Store,
+    server_id: String,
+    clock: Clock,
+    limits: Limits,
+    hubs: Mutex<HashMap<String, Arc<GroupHub>>>,
+}
+
+fn peer_of(n: &NodeRecord, online: bool) -> Peer {
+    Peer {
+        node_id: n.node_id.clone(),
+        name: n.name.clone(),
+        public_key: n.public_key.clone(),
+        addresses: n.addresses.clone(),
+        online,
+        last_seen_ms: n.last_seen_ms,
+        joined_ms: n.joined_ms,
+    }
+}
+
+fn token_info(t: &TokenRecord) -> TokenInfo {
+    TokenInfo {
+        token_id: t.token_id.clone(),
+        group: t.group.clone(),
+        created_ms: t.created_ms,
+        expires_ms: t.expires_ms,
+        uses: t.uses,
+        max_uses: t.max_uses,
+        revoked: t.revoked,
+    }
+}
+
+fn decode_key(bytes: &[u8]) -> Result<(PublicKey, PeerId)> {
+    validate::bytes_limit("public_key", bytes.len(), validate::MAX_KEY_BYTES)?;
+    let key = PublicKey::try_decode_protobuf(bytes).map_err(|e| {
+        ControlError::invalid(format!(
+            "public_key is not a libp2p protobuf-encoded key: {e}"
+        ))
+    })?;
+    let id = key.to_peer_id();
+    Ok((key, id))
+}
+
+impl Registry {
+    /// Opens the registry on `store` and rebuilds every group hub from it.
+    pub fn open(store: Store, clock: Clock, limits: Limits) -> Result<Arc<Self>> {
+        let server_id = match store.meta_get("server_id")? {
+            Some(id) => id,
+            None => {
+                let id = secrets::generate("srv_");
+                store.meta_put("server_id", &id)?;
+                id
+            }
+        };
+        let registry = Self {
+            store,
+            server_id,
+            clock,
+            hubs: Mutex::new(HashMap::new()),
+            limits,
+        };
+        {
+            let mut hubs = registry.hubs_lock();
+            for g in registry.store.groups()? {
+                hubs.insert(
+                    g.name,
+                    Arc::new(GroupHub::new(registry.limits.watch_backlog)),
+                );
+            }
+            for n in registry.store.nodes()? {
+                let Some(hub) = hubs.get(&n.group) else {
+                    tracing::warn!(node = %n.node_id, group = %n.group, "node of an unknown group; ignored");
+                    continue;
+                };
+                let mut st = hub.lock();
+                st.names.insert(n.name.clone(), n.node_id.clone());
+                if n.state == NodeState::Active as i32 {
+                    st.members.insert(n.node_id.clone(), peer_of(&n, false));
+                }
+            }
+        }
+        let now = registry.now();
+        let purged = registry.store.purge_sessions(None, now)?;
+        tracing::debug!(purged, "expired sessions removed");
+        Ok(Arc::new(registry))
+    }
+
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn now(&self) -> u64 {
+        (self.clock)()
+    }
+
+    fn hubs_lock(&self) -> MutexGuard<'_, HashMap<String, Arc<GroupHub>>> {
+        self.hubs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn hub(&self, group: &str) -> Result<Arc<GroupHub>> {
+        self.hubs_lock()
+            .get(group)
+            .cloned()
+            .ok_or_else(|| ControlError::not_found(format!("no group named {group:?}")))
+    }
+
+    fn check_skew(&self, timestamp_ms: u64) -> Result<()> {
+        let now = self.now();
+        let off = now.abs_diff(timestamp_ms);
+        if off > self.limits.clock_skew_ms {
+            return Err(ControlError::unauthenticated(format!(
+                "signed timestamp is {:.1} s off the server's clock (allowed: {} s); check the node's clock",
+                off as f64 / 1000.0,
+                self.limits.clock_skew_ms / 1000
+            )));
+        }
+        Ok(())
+    }
+
+    fn new_session(&self, node_id: &str) -> Result<api::Session> {
+        let credential = secrets::generate(secrets::SESSION_PREFIX);
+        let expires_ms = self.now() + self.limits.session_ttl_ms;
+        self.store.put_session(
+            &secrets::digest(&credential),
+            &SessionRecord {
+                node_id: node_id.to_string(),
+                expires_ms,
+            },
+        )?;
+        Ok(api::Session {
+            credential,
+            expires_at_ms: expires_ms,
+        })
+    }
+
+    // ------------------------------------------------------------ admin ops
+
+    pub async fn create_group(&self, name: &str) -> Result<GroupInfo> {
+        validate::dns_label("group name", name)?;
+        let created_ms = self.now();
+        {
+            let mut hubs = self.hubs_lock();
+            if hubs.contains_key(name) {
+                return Err(ControlError::AlreadyExists(format!(
+                    "group {name:?} already exists"
+                )));
+            }
+            self.store.put_group(&GroupRecord {
+                name: name.to_string(),
+                created_ms,
+            })?;
+            hubs.insert(
+                name.to_string(),
+                Arc::new(GroupHub::new(self.limits.watch_backlog)),
+            );
+        }
+        self.store.flush().await?;
+        tracing::info!(group = name, "group created");
+        Ok(GroupInfo {
+            name: name.to_string(),
+            created_ms,
+            node_count: 0,
+        })
+    }
+
+    pub fn list_groups(&self) -> Result<Vec<GroupInfo>> {
+        let hubs = self.hubs_lock();
+        Ok(self
+            .store
+            .groups()?
+            .into_iter()
+            .map(|g| GroupInfo {
+                node_count: hubs
+                    .get(&g.name)
+                    .map_or(0, |h| h.lock().members.len() as u32),
+                name: g.name,
+                created_ms: g.created_ms,
+            })
+            .collect())
+    }
+
+    pub async fn create_token(
+        &self,
+        group: &str,
+        ttl_secs: u64,
+        max_uses: u32,
+    ) -> Result<(String, TokenInfo)> {
+        self.hub(group)?;
+        if ttl_secs > MAX_TOKEN_TTL_SECS {
+            return Err(ControlError::invalid(format!(
+                "ttl of {ttl_secs} s is longer than the limit of {MAX_TOKEN_TTL_SECS} s"
+            )));
+        }
+        let ttl_ms = if ttl_secs == 0 {
+            self.limits.default_token_ttl_ms
+        } else {
+            ttl_secs * 1000
+        };
+        let token = secrets::generate(secrets::JOIN_TOKEN_PREFIX);
+        let now = self.now();
+        let rec = TokenRecord {
+            token_id: secrets::token_id(&token),
+            group: group.to_string(),
+            created_ms: now,
+            expires_ms: now + ttl_ms,
+            uses: 0,
+            max_uses,
+            revoked: false,
+        };
+        self.store.put_token(&rec)?;
+        self.store.flush().await?;
+        tracing::info!(group, token_id = %rec.token_id, ttl_ms, max_uses, "join token created");
+        Ok((token, token_info(&rec)))
+    }
+
+    pub fn list_tokens(&self, group: &str) -> Result<Vec<TokenInfo>> {
+        Ok(self
+            .store
+            .tokens()?
+            .iter()
+            .filter(|t| group.is_empty() || t.group == group)
+            .map(token_info)
+            .collect())
+    }
+
+    /// Revokes a token (given as the secret or its id) and, unless
+    /// `keep_nodes`, every active node that joined with it.
+    pub async fn revoke_token(
+        &self,
+        token_or_id: &str,
+        keep_nodes: bool,
+    ) -> Result<(TokenInfo, Vec<String>)> {
+        validate::bytes_limit("token", token_or_id.len(), validate::MAX_TOKEN_LEN)?;
+        let token_id = if secrets::well_formed(token_or_id, secrets::JOIN_TOKEN_PREFIX) {
+            secrets::token_id(token_or_id)
+        } else if token_or_id.len() == 16 && token_or_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            token_or_id.to_ascii_lowercase()
+        } else {
+            return Err(ControlError::invalid(
+                "expected a join token (pmj_…) or a 16-digit token id",
+            ));
+        };
+        let mut rec = self
+            .store
+            .token(&token_id)?
+            .ok_or_else(|| ControlError::not_found(format!("no token with id {token_id}")))?;
+        let hub = self.hub(&rec.group)?;
+        let mut revoked_nodes = Vec::new();
+        {
+            let mut st = hub.lock();
+            rec.revoked = true;
+            self.store.put_token(&rec)?;
+            if !keep_nodes {
+                for mut n in self.store.nodes()? {
+                    if n.token_id == token_id
+                        && n.group == rec.group
+                        && n.state == NodeState::Active as i32
+                    {
+                        n.state = NodeState::Revoked as i32;
+                        self.store.put_node(&n)?;
+                        self.store.purge_sessions(Some(&n.node_id), self.now())?;
+                        self.store.delete_links_of(&n.node_id)?;
+                        hub.publish(
+                            &mut st,
+                            Change::Remove(n.node_id.clone(), RemovalReason::Revoked),
+                        );
+                        revoked_nodes.push(n.node_id);
+                    }
+                }
+            }
+        }
+        self.store.flush().await?;
+        tracing::info!(%token_id, nodes = revoked_nodes.len(), "join token revoked");
+        Ok((token_info(&rec), revoked_nodes))
+    }
+
+    pub fn list_nodes(&self, group: &str) -> Result<Vec<NodeInfo>> {
+        let hubs = self.hubs_lock();
+        Ok(self
+            .store
+            .nodes()?
+            .into_iter()
+            .filter(|n| group.is_empty() || n.group == group)
+            .map(|n| {
+                let online = hubs
+                    .get(&n.group)
+                    .is_some_and(|h| h.lock().watchers.get(&n.node_id).is_some_and(|c| *c > 0));
+                NodeInfo {
+                    online,
+                    node_id: n.node_id,
+                    name: n.name,
+                    group: n.group,
+                    state: n.state,
+                    addresses: n.addresses,
+                    joined_ms: n.joined_ms,
+                    last_seen_ms: n.last_seen_ms,
+                    token_id: n.token_id,
+                }
+            })
+            .collect())
+    }
+
+    /// Resolves a node id, or a name (narrowed by `group` when non-empty).
+    fn resolve_node(&self, node: &str, group: &str) -> Result<NodeRecord> {
+        validate::bytes_limit("node", node.len(), validate::MAX_TOKEN_LEN)?;
+        if let Some(n) = self.store.node(node)? {
+            return Ok(n);
+        }
+        let matches: Vec<NodeRecord> = self
+            .store
+            .nodes()?
+            .into_iter()
+            .filter(|n| n.name == node && (group.is_empty() || n.group == group))
+            .collect();
+        match matches.len() {
+            0 => Err(ControlError::not_found(format!(
+                "no node with id or name {node:?}"
+            ))),
+            1 => Ok(matches.into_iter().next().expect("one match")),
+            _ => Err(ControlError::FailedPrecondition(format!(
+                "name {node:?} exists in several groups ({}); give the group",
+                matches
+                    .iter()
+                    .map(|n| n.group.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    pub async fn remove_node(&self, node: &str, group: &str) -> Result<String> {
+        let rec = self.resolve_node(node, group)?;
+        self.delete_node(&rec.node_id, RemovalReason::Removed)
+            .await?;
+        Ok(rec.node_id)
+    }
+
+    async fn delete_node(&self, node_id: &str, reason: RemovalReason) -> Result<()> {
+        let rec = self
+            .store
+            .node(node_id)?
+            .ok_or_else(|| ControlError::not_found(format!("no node {node_id}")))?;
+        let hub = self.hub(&rec.group)?;
+        {
+            let mut st = hub.lock();
+            self.store.delete_node(node_id)?;
+            self.store.purge_sessions(Some(node_id), self.now())?;
+            self.store.delete_links_of(node_id)?;
+            st.names.remove(&rec.name);
+            hub.publish(&mut st, Change::Remove(node_id.to_string(), reason));
+        }
+        self.store.flush().await?;
+        tracing::info!(node = node_id, name = %rec.name, group = %rec.group, ?reason, "node deleted");
+        Ok(())
+    }
+
+    pub fn link_table(&self, group: &str) -> Result<Vec<LinkEntry>> {
+        let nodes: HashMap<String, NodeRecord> = self
+            .store
+            .nodes()?
+            .into_iter()
+            .map(|n| (n.node_id.clone(), n))
+            .collect();
+        let mut out = Vec::new();
+        for (from, to, rec) in self.store.links()? {
+            let Some(f) = nodes.get(&from) else { continue };
+            if !group.is_empty() && f.group != group {
+                continue;
+            }
+            let Some(link) = rec.link else { continue };
+            out.push(LinkEntry {
+                group: f.group.clone(),
+                from_node: from,
+                from_name: f.name.clone(),
+                to_name: nodes.get(&to).map(|n| n.name.clone()).unwrap_or_default(),
+                link: Some(link),
+                reported_ms: rec.reported_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------- node ops
+
+    pub async fn join(&self, req: &api::JoinRequest) -> Result<api::JoinResponse> {
+        validate::bytes_limit("token", req.token.len(), validate::MAX_TOKEN_LEN)?;
+        if !secrets::well_formed(&req.token, secrets::JOIN_TOKEN_PREFIX) {
+            return Err(ControlError::invalid(
+                "malformed join token (expected pmj_ and 48 hex digits)",
+            ));
+        }
+        let (key, peer_id) = decode_key(&req.public_key)?;
+        validate::bytes_limit(
+            "signature",
+            req.signature.len(),
+            validate::MAX_SIGNATURE_BYTES,
+        )?;
+        let requested = if req.name.is_empty() {
+            "node"
+        } else {
+            req.name.as_str()
+        };
+        validate::dns_label("name", requested)?;
+        self.check_skew(req.timestamp_ms)?;
+        let payload =
+            signing::join_payload(&req.token, &req.public_key, &req.name, req.timestamp_ms);
+        if !key.verify(&payload, &req.signature) {
+            return Err(ControlError::unauthenticated(
+                "join signature does not verify with the given public key",
+            ));
+        }
+
+        let token_id = secrets::token_id(&req.token);
+        let token = self
+            .store
+            .token(&token_id)?
+            .ok_or_else(|| ControlError::unauthenticated("unknown join token"))?;
+        let hub = self.hub(&token.group)?;
+        let node_id = peer_id.to_string();
+        let now = self.now();
+
+        let rec = {
+            let mut st = hub.lock();
+            // Re-read under the group lock: concurrent joins share the count.
+            let mut token = self
+                .store
+                .token(&token_id)?
+                .ok_or_else(|| ControlError::unauthenticated("unknown join token"))?;
+            if token.revoked {
+                return Err(ControlError::unauthenticated("join token was revoked"));
+            }
+            if token.expires_ms <= now {
+                return Err(ControlError::unauthenticated(format!(
+                    "join token expired {} ago",
+                    humantime::format_duration(std::time::Duration::from_secs(
+                        (now - token.expires_ms) / 1000
+                    ))
+                )));
+            }
+            let existing = self.store.node(&node_id)?;
+            if let Some(n) = &existing {
+                if n.group != token.group {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "this node key already belongs to group {:?}; remove the node there first",
+                        n.group
+                    )));
+                }
+                if req.timestamp_ms <= n.last_auth_ms {
+                    return Err(ControlError::unauthenticated(
+                        "stale signed timestamp (a replayed request?)",
+                    ));
+                }
+            }
+            // Retrying a join that already succeeded (its answer was lost)
+            // must not use up a single-use token.
+            let repeat = existing
+                .as_ref()
+                .is_some_and(|n| n.state == NodeState::Active as i32 && n.token_id == token_id);
+            if !repeat {
+                if token.max_uses != 0 && token.uses >= token.max_uses {
+                    return Err(ControlError::unauthenticated(format!(
+                        "join token used up ({} of {} uses)",
+                        token.uses, token.max_uses
+                    )));
+                }
+                token.uses += 1;
+                self.store.put_token(&token)?;
+            }
+            let name = match &existing {
+                Some(n) if req.name.is_empty() || req.name == n.name => n.name.clone(),
+                _ => unique_name(&st.names, requested, &node_id),
+            };
+            let mut rec = existing.unwrap_or_else(|| NodeRecord {
+                node_id: node_id.clone(),
+                public_key: req.public_key.clone(),
+                group: token.group.clone(),
+                joined_ms: now,
+                ..Default::default()
+            });
+            if rec.name != name {
+                st.names.remove(&rec.name);
+                st.names.insert(name.clone(), node_id.clone());
+                rec.name = name;
+            }
+            rec.state = NodeState::Active as i32;
+            rec.token_id = token_id.clone();
+            rec.last_auth_ms = req.timestamp_ms;
+            rec.last_seen_ms = now;
+            self.store.put_node(&rec)?;
+            let online = st.watchers.get(&node_id).is_some_and(|c| *c > 0);
+            hub.publish(&mut st, Change::Upsert(peer_of(&rec, online)));
+            rec
+        };
+        let session = self.new_session(&node_id)?;
+        self.store.flush().await?;
+        tracing::info!(node = %node_id, name = %rec.name, group = %rec.group, "node joined");
+        Ok(api::JoinResponse {
+            node_id,
+            group: rec.group,
+            name: rec.name,
+            session: Some(session),
+            server_id: self.server_id.clone(),
+        })
+    }
+
+    pub async fn authenticate(
+        &self,
+        req: &api::AuthenticateRequest,
+    ) -> Result<api::AuthenticateResponse> {
+        let (key, peer_id) = decode_key(&req.public_key)?;
+        validate::bytes_limit(
+            "signature",
+            req.signature.len(),
+            validate::MAX_SIGNATURE_BYTES,
+        )?;
+        self.check_skew(req.timestamp_ms)?;
+        let payload = signing::auth_payload(&self.server_id, &req.public_key, req.timestamp_ms);
+        if !key.verify(&payload, &req.signature) {
+            return Err(ControlError::unauthenticated(
+                "authentication signature does not verify (wrong key, or signed for another server)",
+            ));
+        }
+        let node_id = peer_id.to_string();
+        let unknown =
+            || ControlError::unauthenticated("this node key is not registered; join with a token");
+        let group = self.store.node(&node_id)?.ok_or_else(unknown)?.group;
+        let hub = self.hub(&group)?;
+        let rec = {
+            let _st = hub.lock();
+            let mut rec = self.store.node(&node_id)?.ok_or_else(unknown)?;
+            if rec.state == NodeState::Revoked as i32 {
+                return Err(ControlError::PermissionDenied(
+                    RemovalReason::Revoked.describe().into(),
+                ));
+            }
+            if req.timestamp_ms <= rec.last_auth_ms {
+                return Err(ControlError::unauthenticated(
+                    "stale signed timestamp (a replayed request?)",
+                ));
+            }
+            rec.last_auth_ms = req.timestamp_ms;
+            rec.last_seen_ms = self.now();
+            self.store.put_node(&rec)?;
+            rec
+        };
+        let session = self.new_session(&node_id)?;
+        self.store.flush().await?;
+        Ok(api::AuthenticateResponse {
+            node_id,
+            group: rec.group,
+            name: rec.name,
+            session: Some(session),
+            server_id: self.server_id.clone(),
+        })
+    }
+
+    /// Resolves a session credential to the node it belongs to.
+    pub fn authorize(&self, credential: &str) -> Result<NodeCtx> {
+        if !secrets::well_formed(credential, secrets::SESSION_PREFIX) {
+            return Err(ControlError::unauthenticated(
+                "missing or malformed session credential (authorization: Bearer pms_…)",
+            ));
+        }
+        let session = self
+            .store
+            .session(&secrets::digest(credential))?
+            .filter(|s| s.expires_ms > self.now())
+            .ok_or_else(|| ControlError::unauthenticated("unknown or expired session"))?;
+        let node = self.store.node(&session.node_id)?.ok_or_else(|| {
+            ControlError::PermissionDenied(RemovalReason::Removed.describe().into())
+        })?;
+        if node.state != NodeState::Active as i32 {
+            return Err(ControlError::PermissionDenied(
+                RemovalReason::Revoked.describe().into(),
+            ));
+        }
+        Ok(NodeCtx {
+            node_id: node.node_id,
+            group: node.group,
+        })
+    }
+
+    fn snapshot(&self, st: &GroupState, ctx: &NodeCtx) -> Result<NetworkMapUpdate> {
+        let self_node = st
+            .members
+            .get(&ctx.node_id)
+            .cloned()
+            .ok_or_else(|| ControlError::PermissionDenied("node is not a member".into()))?;
+        Ok(NetworkMapUpdate {
+            version: st.version,
+            kind: Some(api::network_map_update::Kind::Full(NetworkMap {
+                group: ctx.group.clone(),
+                self_node: Some(self_node),
+                peers: st
+                    .members
+                    .values()
+                    .filter(|p| p.node_id != ctx.node_id)
+                    .cloned()
+                    .collect(),
+                relays: Vec::new(),
+            })),
+        })
+    }
+
+    /// Opens a watch: the full map at the current version plus a receiver of
+    /// every later change; marks the node online.
+    pub fn watch(self: &Arc<Self>, ctx: &NodeCtx) -> Result<Subscription> {
+        let hub = self.hub(&ctx.group)?;
+        let mut st = hub.lock();
+        let events = hub.tx.subscribe();
+        let count = st.watchers.entry(ctx.node_id.clone()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            if let Some(mut peer) = st.members.get(&ctx.node_id).cloned() {
+                peer.online = true;
+                peer.last_seen_ms = self.now();
+                hub.publish(&mut st, Change::Upsert(peer));
+            }
+        }
+        let guard = WatchGuard {
+            registry: self.clone(),
+            group: ctx.group.clone(),
+            node_id: ctx.node_id.clone(),
+        };
+        let first = self.snapshot(&st, ctx)?;
+        Ok(Subscription {
+            version: first.version,
+            first,
+            events,
+            guard,
+        })
+    }
+
+    /// A fresh full map for a watcher that fell behind.
+    pub fn resync(&self, ctx: &NodeCtx) -> Result<NetworkMapUpdate> {
+        let hub = self.hub(&ctx.group)?;
+        let st = hub.lock();
+        self.snapshot(&st, ctx)
+    }
+
+    fn watch_closed(&self, group: &str, node_id: &str) {
+        let Ok(hub) = self.hub(group) else { return };
+        let mut st = hub.lock();
+        let Some(count) = st.watchers.get_mut(node_id) else {
+            return;
+        };
+        *count -= 1;
+        if *count > 0 {
+            return;
+        }
+        st.watchers.remove(node_id);
+        let now = self.now();
+        if let Some(mut peer) = st.members.get(node_id).cloned() {
+            peer.online = false;
+            peer.last_seen_ms = now;
+            hub.publish(&mut st, Change::Upsert(peer));
+            // Best effort: last-seen is informational.
+            if let Ok(Some(mut rec)) = self.store.node(node_id) {
+                rec.last_seen_ms = now;
+                if let Err(e) = self.store.put_node(&rec) {
+                    tracing::warn!(node = node_id, error = %e, "could not store last-seen time");
+                }
+            }
+        }
+    }
+
+    pub async fn update_endpoints(&self, ctx: &NodeCtx, addresses: &[String]) -> Result<()> {
+        validate::addresses(addresses)?;
+        let mut addrs = addresses.to_vec();
+        addrs.sort();
+        addrs.dedup();
+        let hub = self.hub(&ctx.group)?;
+        {
+            let mut st = hub.lock();
+            let mut rec = self
+                .store
+                .node(&ctx.node_id)?
+                .filter(|n| n.state == NodeState::Active as i32)
+                .ok_or_else(|| ControlError::PermissionDenied("node is not active".into()))?;
+            if rec.addresses == addrs {
+                return Ok(());
+            }
+            rec.addresses = addrs;
+            self.store.put_node(&rec)?;
+            let online = st.watchers.get(&ctx.node_id).is_some_and(|c| *c > 0);
+            hub.publish(&mut st, Change::Upsert(peer_of(&rec, online)));
+        }
+        self.store.flush().await?;
+        Ok(())
+    }
+
+    /// Replaces the caller's link reports. Reports about nodes that are not
+    /// (or no longer) members are dropped: maps change under the reporter.
+    pub fn report_links(&self, ctx: &NodeCtx, links: Vec<LinkReport>) -> Result<usize> {
+        if links.len() > validate::MAX_LINKS {
+            return Err(ControlError::invalid(format!(
+                "{} link reports; the limit is {}",
+                links.len(),
+                validate::MAX_LINKS
+            )));
+        }
+        for l in &links {
+            validate::bytes_limit("peer_id", l.peer_id.len(), validate::MAX_TOKEN_LEN)?;
+            validate::bytes_limit("via", l.via.len(), validate::MAX_TOKEN_LEN)?;
+            match PathKind::try_from(l.path) {
+                Ok(PathKind::Unspecified) | Err(_) => return Err(ControlError::invalid(format!(
+                    "link to {}: path kind {} is not one of connecting, relay, direct, forwarded",
+                    l.peer_id, l.path
+                ))),
+                Ok(_) => {}
+            }
+            if let Some(rtt) = l.rtt_ms {
+                if !rtt.is_finite() || !(0.0..=3_600_000.0).contains(&rtt) {
+                    return Err(ControlError::invalid(format!(
+                        "link to {}: rtt_ms {rtt} is not a duration",
+                        l.peer_id
+                    )));
+                }
+            }
+            if !l.loss.is_finite() || !(0.0..=1.0).contains(&l.loss) {
+                return Err(ControlError::invalid(format!(
+                    "link to {}: loss {} is not within 0..1",
+                    l.peer_id, l.loss
+                )));
+            }
+        }
+        let hub = self.hub(&ctx.group)?;
+        let st = hub.lock();
+        let now = self.now();
+        let kept: Vec<(String, LinkRecord)> = links
+            .into_iter()
+            .filter(|l| l.peer_id != ctx.node_id && st.members.contains_key(&l.peer_id))
+            .map(|l| {
+                (
+                    l.peer_id.clone(),
+                    LinkRecord {
+                        link: Some(l),
+                        reported_ms: now,
+                    },
+                )
+            })
+            .collect();
+        self.store.replace_links(&ctx.node_id, &kept)?;
+        Ok(kept.len())
+    }
+
+    pub async fn leave(&self, ctx: &NodeCtx) -> Result<()> {
+        self.delete_node(&ctx.node_id, RemovalReason::Left).await
+    }
+}
+
+/// `base`, or `base-2`, `base-3`… whichever no other node of the group holds.
+fn unique_name(names: &HashMap<String, String>, base: &str, node_id: &str) -> String {
+    let free = |n: &str| names.get(n).is_none_or(|holder| holder == node_id);
+    if free(base) {
+        return base.to_string();
+    }
+    let stem = &base[..base.len().min(validate::MAX_NAME - 6)];
+    (2u32..)
+        .map(|i| format!("{stem}-{i}"))
+        .find(|n| free(n))
+        .expect("an unbounded counter finds a free name")
+}
+
+#[cfg(test)]
+mod tests;

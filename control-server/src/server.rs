@@ -1,0 +1,130 @@
+//! Starting a control server: data directory, admin credential, listener.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use peermesh_proto::api::{admin_server::AdminServer, node_control_server::NodeControlServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::{admin::AdminApi, node::NodeApi};
+use crate::registry::{system_clock, Limits, Registry};
+use crate::{secrets, validate};
+
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("opening the state database: {0}")]
+    Store(#[from] crate::error::ControlError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Reads the admin credential from `data`, creating it (mode 0600) on the
+/// first start.
+pub fn admin_credential(data: &Path) -> Result<String, ServeError> {
+    let io = |source| ServeError::DataDir {
+        path: data.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(data).map_err(io)?;
+    let path = data.join(ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if secrets::well_formed(s.trim(), secrets::ADMIN_PREFIX) => Ok(s.trim().to_string()),
+        Ok(_) => Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} does not hold an admin credential", path.display()),
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let credential = secrets::generate(secrets::ADMIN_PREFIX);
+            let tmp = data.join(format!("{ADMIN_TOKEN_FILE}.tmp"));
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(io)?;
+                writeln!(f, "{credential}").map_err(io)?;
+                f.sync_all().map_err(io)?;
+            }
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            Ok(credential)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+pub struct Server {
+    pub registry: Arc<Registry>,
+    listener: TcpListener,
+    admin_credential: String,
+}
+
+impl Server {
+    pub async fn bind(listen: SocketAddr, data: &Path) -> Result<Self, ServeError> {
+        Self::bind_with(listen, data, Limits::default()).await
+    }
+
+    pub async fn bind_with(
+        listen: SocketAddr,
+        data: &Path,
+        limits: Limits,
+    ) -> Result<Self, ServeError> {
+        let admin_credential = admin_credential(data)?;
+        let store = crate::store::Store::open(&data.join("db"))?;
+        let registry = Registry::open(store, system_clock(), limits)?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| ServeError::Listen {
+                addr: listen,
+                source,
+            })?;
+        Ok(Self {
+            registry,
+            listener,
+            admin_credential,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        let node = NodeControlServer::new(NodeApi::new(self.registry.clone()))
+            .max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
+        let admin = AdminServer::new(AdminApi::new(self.registry.clone(), &self.admin_credential))
+            .max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
+        tonic::transport::Server::builder()
+            // Dead peers must drop their watch streams (and go offline) soon.
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_nodelay(true)
+            .add_service(node)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,184 @@
+//! Durable state in sled: one tree per record kind, protobuf-encoded values.
+//!
+//! Sled writes land in its page cache at once; [`Store::flush`] makes them
+//! survive a `kill -9`. Every mutating RPC flushes before it answers.
+
+use prost::Message;
+use sled::{Db, Tree};
+
+use crate::error::Result;
+use peermesh_proto::store::v1::{GroupRecord, LinkRecord, NodeRecord, SessionRecord, TokenRecord};
+
+#[derive(Clone)]
+pub struct Store {
+    db: Db,
+    pub(crate) meta: Tree,
+    pub(crate) groups: Tree,
+    pub(crate) tokens: Tree,
+    pub(crate) nodes: Tree,
+    pub(crate) sessions: Tree,
+    pub(crate) links: Tree,
+}
+
+fn get<M: Message + Default>(tree: &Tree, key: impl AsRef<[u8]>) -> Result<Option<M>> {
+    match tree.get(key)? {
+        Some(bytes) => Ok(Some(M::decode(bytes.as_ref())?)),
+        None => Ok(None),
+    }
+}
+
+fn put<M: Message>(tree: &Tree, key: impl AsRef<[u8]>, value: &M) -> Result<()> {
+    tree.insert(key.as_ref(), value.encode_to_vec())?;
+    Ok(())
+}
+
+fn scan<M: Message + Default>(tree: &Tree, prefix: impl AsRef<[u8]>) -> Result<Vec<M>> {
+    tree.scan_prefix(prefix)
+        .map(|kv| {
+            let (_, v) = kv?;
+            Ok(M::decode(v.as_ref())?)
+        })
+        .collect()
+}
+
+/// Key of a link record: reporting node, NUL, peer.
+fn link_key(from: &str, to: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(from.len() + to.len() + 1);
+    k.extend_from_slice(from.as_bytes());
+    k.push(0);
+    k.extend_from_slice(to.as_bytes());
+    k
+}
+
+impl Store {
+    pub fn open(path: &std::path::Path) -> Result<Self> {
+        let db = sled::Config::new().path(path).open()?;
+        Ok(Self {
+            meta: db.open_tree("meta")?,
+            groups: db.open_tree("groups")?,
+            tokens: db.open_tree("tokens")?,
+            nodes: db.open_tree("nodes")?,
+            sessions: db.open_tree("sessions")?,
+            links: db.open_tree("links")?,
+            db,
+        })
+    }
+
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    pub fn meta_get(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .meta
+            .get(key)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub fn meta_put(&self, key: &str, value: &str) -> Result<()> {
+        self.meta.insert(key, value.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn group(&self, name: &str) -> Result<Option<GroupRecord>> {
+        get(&self.groups, name)
+    }
+    pub fn put_group(&self, g: &GroupRecord) -> Result<()> {
+        put(&self.groups, &g.name, g)
+    }
+    pub fn groups(&self) -> Result<Vec<GroupRecord>> {
+        scan(&self.groups, b"")
+    }
+
+    pub fn token(&self, token_id: &str) -> Result<Option<TokenRecord>> {
+        get(&self.tokens, token_id)
+    }
+    pub fn put_token(&self, t: &TokenRecord) -> Result<()> {
+        put(&self.tokens, &t.token_id, t)
+    }
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        scan(&self.tokens, b"")
+    }
+
+    pub fn node(&self, node_id: &str) -> Result<Option<NodeRecord>> {
+        get(&self.nodes, node_id)
+    }
+    pub fn put_node(&self, n: &NodeRecord) -> Result<()> {
+        put(&self.nodes, &n.node_id, n)
+    }
+    pub fn delete_node(&self, node_id: &str) -> Result<()> {
+        self.nodes.remove(node_id)?;
+        Ok(())
+    }
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        scan(&self.nodes, b"")
+    }
+
+    pub fn session(&self, hash: &[u8]) -> Result<Option<SessionRecord>> {
+        get(&self.sessions, hash)
+    }
+    pub fn put_session(&self, hash: &[u8], s: &SessionRecord) -> Result<()> {
+        put(&self.sessions, hash, s)
+    }
+    /// Drops the sessions of `node_id` (when set) and every expired one.
+    pub fn purge_sessions(&self, node_id: Option<&str>, now_ms: u64) -> Result<usize> {
+        let mut removed = 0;
+        for kv in self.sessions.iter() {
+            let (k, v) = kv?;
+            let s = SessionRecord::decode(v.as_ref())?;
+            if s.expires_ms <= now_ms || Some(s.node_id.as_str()) == node_id {
+                self.sessions.remove(k)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Replaces every link that `from` reported.
+    pub fn replace_links(&self, from: &str, links: &[(String, LinkRecord)]) -> Result<()> {
+        self.delete_links_from(from)?;
+        for (to, rec) in links {
+            put(&self.links, link_key(from, to), rec)?;
+        }
+        Ok(())
+    }
+
+    fn delete_links_from(&self, from: &str) -> Result<()> {
+        let mut prefix = from.as_bytes().to_vec();
+        prefix.push(0);
+        for kv in self.links.scan_prefix(&prefix) {
+            self.links.remove(kv?.0)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the links that `node` reported and those reported about it.
+    pub fn delete_links_of(&self, node: &str) -> Result<()> {
+        self.delete_links_from(node)?;
+        let mut suffix = vec![0];
+        suffix.extend_from_slice(node.as_bytes());
+        for kv in self.links.iter() {
+            let k = kv?.0;
+            if k.ends_with(&suffix) {
+                self.links.remove(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every link record, keyed by (reporting node, peer).
+    pub fn links(&self) -> Result<Vec<(String, String, LinkRecord)>> {
+        self.links
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let split = k.iter().position(|&b| b == 0).unwrap_or(k.len());
+                let from = String::from_utf8_lossy(&k[..split]).into_owned();
+                let to =
+                    String::from_utf8_lossy(k.get(split + 1..).unwrap_or_default()).into_owned();
+                Ok((from, to, LinkRecord::decode(v.as_ref())?))
+            })
+            .collect()
+    }
+}
