@@ -118,6 +118,7 @@ fn init_tracing() {
                 .unwrap_or_else(|_| "info,sled=warn,h2=warn,tower=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

@@ -563,6 +563,7 @@ impl Registry {
         {
             let mut st = hub.lock();
             self.store.delete_node(node_id)?;
+            self.store.put_tombstone(node_id, reason.describe())?;
             self.store.purge_sessions(Some(node_id), self.now())?;
             self.store.delete_links_of(node_id)?;
             st.names.remove(&rec.name);
@@ -703,6 +704,8 @@ impl Registry {
             }
             rec.state = NodeState::Active as i32;
             rec.token_id = token_id.clone();
+            // A new token is an administrator's new decision.
+            self.store.clear_tombstone(&node_id)?;
             rec.last_auth_ms = req.timestamp_ms;
             rec.last_seen_ms = now;
             self.store.put_node(&rec)?;
@@ -740,6 +743,9 @@ impl Registry {
             ));
         }
         let node_id = peer_id.to_string();
+        if let Some(reason) = self.store.tombstone(&node_id)? {
+            return Err(ControlError::PermissionDenied(reason));
+        }
         let unknown =
             || ControlError::unauthenticated("this node key is not registered; join with a token");
         let group = self.store.node(&node_id)?.ok_or_else(unknown)?.group;
@@ -922,10 +928,12 @@ impl Registry {
             validate::bytes_limit("peer_id", l.peer_id.len(), validate::MAX_TOKEN_LEN)?;
             validate::bytes_limit("via", l.via.len(), validate::MAX_TOKEN_LEN)?;
             match PathKind::try_from(l.path) {
-                Ok(PathKind::Unspecified) | Err(_) => return Err(ControlError::invalid(format!(
+                Ok(PathKind::Unspecified) | Err(_) => {
+                    return Err(ControlError::invalid(format!(
                     "link to {}: path kind {} is not one of connecting, relay, direct, forwarded",
                     l.peer_id, l.path
-                ))),
+                )))
+                }
                 Ok(_) => {}
             }
             if let Some(rtt) = l.rtt_ms {

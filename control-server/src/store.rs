@@ -18,6 +18,8 @@ pub struct Store {
     pub(crate) nodes: Tree,
     pub(crate) sessions: Tree,
     pub(crate) links: Tree,
+    /// node id → removal reason, so a removed node is told why it is refused.
+    pub(crate) removed: Tree,
 }
 
 fn get<M: Message + Default>(tree: &Tree, key: impl AsRef<[u8]>) -> Result<Option<M>> {
@@ -60,6 +62,7 @@ impl Store {
             nodes: db.open_tree("nodes")?,
             sessions: db.open_tree("sessions")?,
             links: db.open_tree("links")?,
+            removed: db.open_tree("removed")?,
             db,
         })
     }
@@ -113,6 +116,21 @@ impl Store {
     }
     pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
         scan(&self.nodes, b"")
+    }
+
+    pub fn tombstone(&self, node_id: &str) -> Result<Option<String>> {
+        Ok(self
+            .removed
+            .get(node_id)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+    pub fn put_tombstone(&self, node_id: &str, reason: &str) -> Result<()> {
+        self.removed.insert(node_id, reason.as_bytes())?;
+        Ok(())
+    }
+    pub fn clear_tombstone(&self, node_id: &str) -> Result<()> {
+        self.removed.remove(node_id)?;
+        Ok(())
     }
 
     pub fn session(&self, hash: &[u8]) -> Result<Option<SessionRecord>> {

@@ -1,0 +1,176 @@
+//! The node's side of the control API: join, authenticate, watch the map,
+//! report endpoints and links. Clones share one session, so a re-auth by one
+//! task serves all.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use libp2p_identity::Keypair;
+use peermesh_proto::api::{
+    node_control_client::NodeControlClient, AuthenticateRequest, AuthenticateResponse, JoinRequest,
+    JoinResponse, LeaveRequest, LinkReport, NetworkMapUpdate, ReportLinksRequest,
+    UpdateEndpointsRequest, WatchNetworkMapRequest,
+};
+use peermesh_proto::signing;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status, Streaming};
+
+use crate::error::{NodeError, Result};
+
+#[derive(Default)]
+struct Session {
+    credential: Option<String>,
+    /// Last signed timestamp; each new one must be higher (the server
+    /// refuses replays).
+    last_ts: u64,
+}
+
+#[derive(Clone)]
+pub struct ControlClient {
+    rpc: NodeControlClient<Channel>,
+    keypair: Keypair,
+    session: Arc<RwLock<Session>>,
+    url: String,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl ControlClient {
+    /// A client on a lazily connected channel: it reconnects by itself when
+    /// the server comes back after a restart.
+    pub fn new(url: &str, keypair: Keypair) -> Result<Self> {
+        let bad = |reason: String| NodeError::BadControlUrl {
+            url: url.to_string(),
+            reason,
+        };
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        if endpoint.uri().scheme_str() != Some("http")
+            && endpoint.uri().scheme_str() != Some("https")
+        {
+            return Err(bad("expected http:// or https://".into()));
+        }
+        Ok(Self {
+            rpc: NodeControlClient::new(endpoint.connect_lazy()),
+            keypair,
+            session: Arc::default(),
+            url: url.to_string(),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn next_ts(&self) -> u64 {
+        let mut s = self.session.write().unwrap_or_else(|p| p.into_inner());
+        s.last_ts = now_ms().max(s.last_ts + 1);
+        s.last_ts
+    }
+
+    fn set_credential(&self, credential: Option<String>) {
+        self.session
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .credential = credential;
+    }
+
+    pub fn has_session(&self) -> bool {
+        self.session
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .credential
+            .is_some()
+    }
+
+    fn authed<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        let cred = self
+            .session
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .credential
+            .clone();
+        if let Some(value) = cred.and_then(|c| format!("Bearer {c}").parse().ok()) {
+            req.metadata_mut().insert("authorization", value);
+        }
+        req
+    }
+
+    pub async fn join(&mut self, token: &str, name: &str) -> Result<JoinResponse, Status> {
+        let public_key = self.keypair.public().encode_protobuf();
+        let timestamp_ms = self.next_ts();
+        let payload = signing::join_payload(token, &public_key, name, timestamp_ms);
+        let signature = self
+            .keypair
+            .sign(&payload)
+            .map_err(|e| Status::internal(format!("signing: {e}")))?;
+        let resp = self
+            .rpc
+            .join(JoinRequest {
+                token: token.to_string(),
+                public_key,
+                name: name.to_string(),
+                timestamp_ms,
+                signature,
+            })
+            .await?
+            .into_inner();
+        self.set_credential(resp.session.as_ref().map(|s| s.credential.clone()));
+        Ok(resp)
+    }
+
+    pub async fn authenticate(&mut self, server_id: &str) -> Result<AuthenticateResponse, Status> {
+        let public_key = self.keypair.public().encode_protobuf();
+        let timestamp_ms = self.next_ts();
+        let payload = signing::auth_payload(server_id, &public_key, timestamp_ms);
+        let signature = self
+            .keypair
+            .sign(&payload)
+            .map_err(|e| Status::internal(format!("signing: {e}")))?;
+        let resp = self
+            .rpc
+            .authenticate(AuthenticateRequest {
+                public_key,
+                timestamp_ms,
+                signature,
+            })
+            .await?
+            .into_inner();
+        self.set_credential(resp.session.as_ref().map(|s| s.credential.clone()));
+        Ok(resp)
+    }
+
+    pub async fn watch(&mut self) -> Result<Streaming<NetworkMapUpdate>, Status> {
+        let req = self.authed(WatchNetworkMapRequest {});
+        Ok(self.rpc.watch_network_map(req).await?.into_inner())
+    }
+
+    pub async fn update_endpoints(&mut self, addresses: Vec<String>) -> Result<(), Status> {
+        let req = self.authed(UpdateEndpointsRequest { addresses });
+        self.rpc.update_endpoints(req).await?;
+        Ok(())
+    }
+
+    pub async fn report_links(&mut self, links: Vec<LinkReport>) -> Result<(), Status> {
+        let req = self.authed(ReportLinksRequest { links });
+        self.rpc.report_links(req).await?;
+        Ok(())
+    }
+
+    pub async fn leave(&mut self) -> Result<(), Status> {
+        let req = self.authed(LeaveRequest {});
+        self.rpc.leave(req).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,495 @@
+//! The running node: joins or re-authenticates, keeps the network map in
+//! step with the control server (reconnecting by itself across server
+//! restarts), reports endpoints and links, and publishes its status.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use peermesh_proto::api::{LinkReport, Peer};
+use tokio::sync::watch;
+use tonic::Code;
+
+use crate::control::ControlClient;
+use crate::error::{NodeError, Result};
+use crate::netmap::{MapChange, NetworkMap};
+use crate::state_dir::{peer_id, Membership, StateDir};
+use crate::status::{self, ControlStatus, NodeStatus, PathKind, PeerStatus};
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub state_dir: PathBuf,
+    /// Control server URL; remembered from an earlier run when absent.
+    pub control_url: Option<String>,
+    /// Join token; needed only until the node has joined.
+    pub token: Option<String>,
+    /// Requested name; defaults to the host name.
+    pub name: Option<String>,
+    /// Extra addresses (multiaddrs) to publish for this node.
+    pub advertise: Vec<String>,
+    /// How often link status goes to the control server when nothing changes.
+    pub link_report_interval: Duration,
+}
+
+impl NodeConfig {
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            control_url: None,
+            token: None,
+            name: None,
+            advertise: Vec::new(),
+            link_report_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The node's state of a link to one peer. Until the data plane exists every
+/// link is `connecting`; the mesh layer fills in path, RTT and traffic.
+#[derive(Clone, Debug)]
+struct LinkState {
+    path: PathKind,
+    via: Option<String>,
+    rtt_ms: Option<f64>,
+    loss: f64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl LinkState {
+    fn new() -> Self {
+        Self {
+            path: PathKind::Connecting,
+            via: None,
+            rtt_ms: None,
+            loss: 0.0,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+}
+
+/// Reconnect delays: quick first retries so a restarted server is rejoined
+/// within about a second, capped so a long outage costs little.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+    fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        // Jitter spreads a fleet's reconnects after a server restart.
+        d + Duration::from_millis(rand::random::<u64>() % 50)
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default()
+}
+
+/// A DNS label from a free-form name, as the control server requires.
+pub fn sanitize_name(s: &str) -> String {
+    let mut out: String = s
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    out.truncate(59);
+    let out = out.trim_matches('-');
+    if out.is_empty() {
+        "node".into()
+    } else {
+        out.to_string()
+    }
+}
+
+/// Why the control session stopped.
+enum SessionEnd {
+    Retry(String),
+    Reauthenticate,
+}
+
+pub struct Node {
+    client: ControlClient,
+    state: StateDir,
+    membership: Membership,
+    advertise: Vec<String>,
+    map: NetworkMap,
+    links: BTreeMap<String, LinkState>,
+    view: watch::Sender<NodeStatus>,
+    link_report_interval: Duration,
+}
+
+impl Node {
+    /// Opens the state directory, joins (with a token) or authenticates
+    /// (without), and binds the status socket.
+    pub async fn start(config: NodeConfig) -> Result<(Self, tokio::net::UnixListener)> {
+        let state = StateDir::open(&config.state_dir)?;
+        let (keypair, created) = state.identity()?;
+        let id = peer_id(&keypair);
+        tracing::info!(node = %id, new = created, "identity");
+        let listener = status::bind(&state.socket_path()).await?;
+        let remembered = state.membership()?;
+        let url = config
+            .control_url
+            .clone()
+            .or_else(|| remembered.as_ref().map(|m| m.control_url.clone()))
+            .ok_or(NodeError::NoControlUrl)?;
+        for a in &config.advertise {
+            if a.parse::<multiaddr::Multiaddr>().is_err() {
+                return Err(NodeError::Refused {
+                    code: Code::InvalidArgument,
+                    message: format!("--advertise {a:?} is not a multiaddr"),
+                });
+            }
+        }
+        let client = ControlClient::new(&url, keypair)?;
+
+        let membership = match (&config.token, &remembered) {
+            (Some(token), _) => {
+                let name = sanitize_name(
+                    config
+                        .name
+                        .as_deref()
+                        .or(remembered.as_ref().map(|m| m.name.as_str()))
+                        .unwrap_or(&host_name()),
+                );
+                let r = retry_unavailable(|| {
+                    let mut c = client.clone();
+                    let (t, n) = (token.clone(), name.clone());
+                    async move { c.join(&t, &n).await }
+                })
+                .await?;
+                // Clones share the session, so `client` now holds it too.
+                tracing::info!(group = %r.group, name = %r.name, "joined");
+                Membership {
+                    control_url: url.clone(),
+                    server_id: r.server_id,
+                    node_id: r.node_id,
+                    name: r.name,
+                    group: r.group,
+                }
+            }
+            (None, Some(m)) => {
+                let server_id = m.server_id.clone();
+                let r = retry_unavailable(|| {
+                    let mut c = client.clone();
+                    let s = server_id.clone();
+                    async move { c.authenticate(&s).await }
+                })
+                .await?;
+                tracing::info!(group = %r.group, name = %r.name, "authenticated");
+                Membership {
+                    control_url: url.clone(),
+                    server_id: r.server_id,
+                    node_id: r.node_id,
+                    name: r.name,
+                    group: r.group,
+                }
+            }
+            (None, None) => return Err(NodeError::NotJoined),
+        };
+        state.save_membership(&membership)?;
+
+        let view = watch::Sender::new(NodeStatus {
+            id: membership.node_id.clone(),
+            name: membership.name.clone(),
+            group: membership.group.clone(),
+            addresses: config.advertise.clone(),
+            control: ControlStatus {
+                url: url.clone(),
+                connected: false,
+                error: None,
+            },
+            map_version: 0,
+            peers: Vec::new(),
+        });
+        Ok((
+            Self {
+                client,
+                state,
+                membership,
+                advertise: config.advertise,
+                map: NetworkMap::default(),
+                links: BTreeMap::new(),
+                view,
+                link_report_interval: config.link_report_interval,
+            },
+            listener,
+        ))
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    pub fn status(&self) -> watch::Receiver<NodeStatus> {
+        self.view.subscribe()
+    }
+
+    /// Runs until `shutdown` resolves or the node is revoked.
+    pub async fn run(
+        mut self,
+        listener: tokio::net::UnixListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        let socket = self.state.socket_path();
+        let status_task = tokio::spawn(status::serve(listener, self.view.subscribe()));
+        let result = self.control_loop(shutdown).await;
+        status_task.abort();
+        let _ = std::fs::remove_file(&socket);
+        result
+    }
+
+    async fn control_loop(
+        &mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        tokio::pin!(shutdown);
+        let mut backoff = Backoff::new();
+        loop {
+            let end = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                end = self.session() => end?,
+            };
+            let reason = match end {
+                SessionEnd::Reauthenticate => {
+                    tracing::info!("session expired; authenticating again");
+                    match self.client.authenticate(&self.membership.server_id).await {
+                        Ok(_) => {
+                            backoff.reset();
+                            continue;
+                        }
+                        Err(s) => classify(s)?,
+                    }
+                }
+                SessionEnd::Retry(reason) => reason,
+            };
+            self.set_control(false, Some(reason.clone()));
+            let delay = backoff.step();
+            tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, "control server connection lost");
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One watch stream, from open to its end.
+    async fn session(&mut self) -> Result<SessionEnd> {
+        let mut stream = match self.client.watch().await {
+            Ok(s) => s,
+            Err(s) => return session_end(s),
+        };
+        if let Err(s) = self.client.update_endpoints(self.advertise.clone()).await {
+            return session_end(s);
+        }
+        let mut report = tokio::time::interval(self.link_report_interval);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut links_dirty = true;
+        loop {
+            tokio::select! {
+                msg = stream.message() => match msg {
+                    Ok(Some(update)) => {
+                        match self.map.apply(update) {
+                            Ok(changes) => {
+                                if !self.view.borrow().control.connected {
+                                    tracing::info!(peers = self.map.peers.len(), version = self.map.version, "network map received");
+                                    self.set_control(true, None);
+                                }
+                                links_dirty |= self.on_changes(changes);
+                            }
+                            Err(e) => return Ok(SessionEnd::Retry(format!("bad map update: {e}"))),
+                        }
+                        self.publish();
+                        if links_dirty {
+                            links_dirty = false;
+                            if let Err(s) = self.report_links().await {
+                                return session_end(s);
+                            }
+                        }
+                    }
+                    Ok(None) => return Ok(SessionEnd::Retry("watch stream ended".into())),
+                    Err(s) => return session_end(s),
+                },
+                _ = report.tick() => {
+                    if let Err(s) = self.report_links().await {
+                        return session_end(s);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies map changes to the link table; true when it changed.
+    fn on_changes(&mut self, changes: Vec<MapChange>) -> bool {
+        let mut dirty = false;
+        for c in changes {
+            match c {
+                MapChange::Added(p) => {
+                    tracing::info!(peer = %p.node_id, name = %p.name, "peer joined");
+                    self.links.insert(p.node_id.clone(), LinkState::new());
+                    dirty = true;
+                }
+                MapChange::Removed(id) => {
+                    tracing::info!(peer = %id, "peer left");
+                    self.links.remove(&id);
+                    dirty = true;
+                }
+                MapChange::Updated(p) => {
+                    tracing::debug!(peer = %p.node_id, online = p.online, "peer updated");
+                }
+                MapChange::SelfUpdated(me) => {
+                    self.membership.name = me.name.clone();
+                }
+                MapChange::RelaysChanged => {
+                    tracing::debug!(relays = self.map.relays.len(), "relays changed");
+                }
+            }
+        }
+        // Links of peers that a full map dropped silently are dropped too.
+        let before = self.links.len();
+        self.links.retain(|id, _| self.map.peers.contains_key(id));
+        dirty || before != self.links.len()
+    }
+
+    async fn report_links(&mut self) -> Result<(), tonic::Status> {
+        let links = self
+            .links
+            .iter()
+            .map(|(id, l)| LinkReport {
+                peer_id: id.clone(),
+                path: l.path.to_proto() as i32,
+                rtt_ms: l.rtt_ms,
+                loss: l.loss,
+                via: l.via.clone().unwrap_or_default(),
+                bytes_in: l.bytes_in,
+                bytes_out: l.bytes_out,
+            })
+            .collect();
+        self.client.report_links(links).await
+    }
+
+    fn set_control(&self, connected: bool, error: Option<String>) {
+        self.view.send_modify(|v| {
+            v.control.connected = connected;
+            v.control.error = error;
+        });
+    }
+
+    fn publish(&self) {
+        let peers = self
+            .map
+            .peers
+            .values()
+            .map(|p: &Peer| {
+                let l = self
+                    .links
+                    .get(&p.node_id)
+                    .cloned()
+                    .unwrap_or_else(LinkState::new);
+                PeerStatus {
+                    id: p.node_id.clone(),
+                    name: p.name.clone(),
+                    path: l.path,
+                    via: l.via,
+                    rtt_ms: l.rtt_ms,
+                    loss: l.loss,
+                    online: p.online,
+                    addresses: p.addresses.clone(),
+                    bytes_in: l.bytes_in,
+                    bytes_out: l.bytes_out,
+                }
+            })
+            .collect();
+        let me = self.map.self_node.as_ref();
+        self.view.send_modify(|v| {
+            v.peers = peers;
+            v.map_version = self.map.version;
+            v.name = self.membership.name.clone();
+            if let Some(me) = me {
+                v.addresses = me.addresses.clone();
+            }
+        });
+    }
+}
+
+/// Transient failures are retried; a refusal of this node is final.
+fn classify(s: tonic::Status) -> Result<String> {
+    match s.code() {
+        Code::PermissionDenied => Err(NodeError::Revoked(s.message().to_string())),
+        Code::Unauthenticated | Code::InvalidArgument | Code::FailedPrecondition => Err(s.into()),
+        _ => Ok(format!("{} ({:?})", s.message(), s.code())),
+    }
+}
+
+fn session_end(s: tonic::Status) -> Result<SessionEnd> {
+    if s.code() == Code::Unauthenticated {
+        return Ok(SessionEnd::Reauthenticate);
+    }
+    classify(s).map(SessionEnd::Retry)
+}
+
+/// Retries `op` while the server is unreachable (it may be starting or
+/// restarting); any answer from it is returned.
+async fn retry_unavailable<T, F, Fut>(mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut backoff = Backoff::new();
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Unknown | Code::DeadlineExceeded
+                ) =>
+            {
+                let d = backoff.step();
+                tracing::warn!(error = %s.message(), retry_in_ms = d.as_millis() as u64, "control server unreachable");
+                tokio::time::sleep(d).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_become_labels() {
+        assert_eq!(sanitize_name("My-Laptop.local\n"), "my-laptop-local");
+        assert_eq!(sanitize_name("---"), "node");
+        assert_eq!(sanitize_name(&"x".repeat(100)).len(), 59);
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let mut b = Backoff::new();
+        let first = b.step();
+        assert!(first >= Backoff::FIRST && first < Backoff::FIRST + Duration::from_millis(50));
+        for _ in 0..10 {
+            b.step();
+        }
+        assert!(b.step() < Backoff::MAX + Duration::from_millis(50));
+        b.reset();
+        assert!(b.step() < Backoff::FIRST + Duration::from_millis(50));
+    }
+}
