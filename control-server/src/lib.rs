@@ -3,13 +3,16 @@
 //! deltas, link status, all behind a tonic gRPC API with state in sled.
 //!
 //! - [`registry`]: the control-plane logic and per-group change hubs.
+//! - [`relays`]: the relay directory (seed 001): relay registration, the
+//!   member sets relays serve, online relays and their load in every map.
 //! - [`store`]: the sled schema.
-//! - [`api`]: the gRPC services (node and admin).
+//! - [`api`]: the gRPC services (node, relay and admin).
 //! - [`server`]: data directory, admin credential and listener.
 
 pub mod api;
 pub mod error;
 pub mod registry;
+pub mod relays;
 pub mod secrets;
 pub mod server;
 pub mod store;

@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand};
 use peermesh_control_server::server::{self, Server};
 use peermesh_proto::api::{
     admin_client::AdminClient, CreateGroupRequest, CreateTokenRequest, LinkTableRequest,
-    ListGroupsRequest, ListNodesRequest, ListTokensRequest, NodeState, PathKind, RemoveNodeRequest,
-    RevokeTokenRequest,
+    ListGroupsRequest, ListNodesRequest, ListRelaysRequest, ListTokensRequest, NodeState, PathKind,
+    RemoveNodeRequest, RevokeTokenRequest,
 };
 use serde_json::json;
 use tonic::metadata::MetadataValue;
@@ -64,14 +64,18 @@ enum AdminAction {
         #[arg(long)]
         json: bool,
     },
-    /// Create a join token; prints the token alone on stdout.
+    /// Create a join token for a group's nodes, or with --relay one for relay
+    /// servers; prints the token alone on stdout.
     CreateToken {
+        #[arg(long, required_unless_present = "relay", conflicts_with = "relay")]
+        group: Option<String>,
+        /// A token for relay servers (they belong to no group).
         #[arg(long)]
-        group: String,
+        relay: bool,
         /// Lifetime, e.g. 30m, 12h, 7d (default 24h).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
-        /// How many nodes may join with it (default: unlimited until expiry).
+        /// How many nodes (or relays) may use it (default: unlimited until expiry).
         #[arg(long, default_value_t = 0)]
         uses: u32,
     },
@@ -82,10 +86,11 @@ enum AdminAction {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a join token (the token or its id) and the nodes that joined with it.
+    /// Revoke a join token (the token or its id) and the nodes that joined with
+    /// it; for a relay token, the relays registered with it.
     RevokeToken {
         token: String,
-        /// Only stop new joins; nodes that joined with the token stay.
+        /// Only stop new joins; nodes (relays) that used the token stay.
         #[arg(long)]
         keep_nodes: bool,
     },
@@ -106,6 +111,11 @@ enum AdminAction {
     Links {
         #[arg(long, default_value = "")]
         group: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The relay directory: every registered relay, online or not, with load.
+    Relays {
         #[arg(long)]
         json: bool,
     },
@@ -177,12 +187,9 @@ async fn serve(listen: SocketAddr, data: &Path) -> Result<()> {
     Ok(())
 }
 
-type Admin = AdminClient<
-    InterceptedService<
-        Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
-    >,
->;
+type Interceptor =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+type Admin = AdminClient<InterceptedService<Channel, Interceptor>>;
 
 async fn connect(url: &str, credential: &str) -> Result<Admin> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())
@@ -194,9 +201,7 @@ async fn connect(url: &str, credential: &str) -> Result<Admin> {
     let header: MetadataValue<_> = format!("Bearer {credential}")
         .parse()
         .context("the admin credential is not valid header text")?;
-    let intercept: Box<
-        dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send,
-    > = Box::new(move |mut req: tonic::Request<()>| {
+    let intercept: Interceptor = Box::new(move |mut req: tonic::Request<()>| {
         req.metadata_mut().insert("authorization", header.clone());
         Ok(req)
     });
@@ -282,21 +287,31 @@ async fn admin(url: &str, credential: &str, action: AdminAction) -> Result<()> {
                 }
             }
         }
-        AdminAction::CreateToken { group, ttl, uses } => {
+        AdminAction::CreateToken {
+            group,
+            relay,
+            ttl,
+            uses,
+        } => {
             let r = c
                 .create_token(CreateTokenRequest {
-                    group,
+                    group: group.unwrap_or_default(),
                     ttl_seconds: ttl.map_or(0, |d| d.as_secs().max(1)),
                     max_uses: uses,
+                    relay,
                 })
                 .await
                 .map_err(status_err("create-token"))?
                 .into_inner();
             if let Some(info) = &r.info {
+                let owner = if info.relay {
+                    "relay servers".to_string()
+                } else {
+                    format!("group {}", info.group)
+                };
                 eprintln!(
-                    "token {} for group {} expires {}",
+                    "token {} for {owner} expires {}",
                     info.token_id,
-                    info.group,
                     relative(info.expires_ms)
                 );
             }
@@ -325,8 +340,8 @@ async fn admin(url: &str, credential: &str, action: AdminAction) -> Result<()> {
                 let v: Vec<_> = tokens
                     .iter()
                     .map(|t| {
-                        json!({"token_id": t.token_id, "group": t.group, "state": state(t),
-                               "uses": t.uses, "max_uses": t.max_uses,
+                        json!({"token_id": t.token_id, "group": t.group, "relay": t.relay,
+                               "state": state(t), "uses": t.uses, "max_uses": t.max_uses,
                                "created_ms": t.created_ms, "expires_ms": t.expires_ms})
                     })
                     .collect();
@@ -342,10 +357,11 @@ async fn admin(url: &str, credential: &str, action: AdminAction) -> Result<()> {
                     } else {
                         format!("{}/{}", t.uses, t.max_uses)
                     };
+                    let group = if t.relay { "(relay)" } else { t.group.as_str() };
                     println!(
                         "{:<18} {:<16} {:<8} {:>9}  {}",
                         t.token_id,
-                        t.group,
+                        group,
                         state(t),
                         uses,
                         relative(t.expires_ms)
@@ -359,11 +375,19 @@ async fn admin(url: &str, credential: &str, action: AdminAction) -> Result<()> {
                 .await
                 .map_err(status_err("revoke-token"))?
                 .into_inner();
+            let relay = r.info.as_ref().is_some_and(|i| i.relay);
             let id = r.info.map(|i| i.token_id).unwrap_or_default();
-            println!(
-                "revoked token {id}; {} node(s) revoked with it",
-                r.revoked_nodes.len()
-            );
+            if relay {
+                println!(
+                    "revoked relay token {id}; {} relay(s) dropped from the directory with it",
+                    r.revoked_nodes.len()
+                );
+            } else {
+                println!(
+                    "revoked token {id}; {} node(s) revoked with it",
+                    r.revoked_nodes.len()
+                );
+            }
             for n in r.revoked_nodes {
                 println!("  {n}");
             }
@@ -452,6 +476,56 @@ async fn admin(url: &str, credential: &str, action: AdminAction) -> Result<()> {
                         rtt,
                         l.loss * 100.0,
                         relative(e.reported_ms)
+                    );
+                }
+            }
+        }
+        AdminAction::Relays { json } => {
+            let mut relays = c
+                .list_relays(ListRelaysRequest {})
+                .await
+                .map_err(status_err("relays"))?
+                .into_inner()
+                .relays;
+            relays.sort_by(|a, b| {
+                let key = |i: &peermesh_proto::api::RelayInfo| {
+                    i.relay
+                        .as_ref()
+                        .map(|r| (r.region.clone(), r.relay_id.clone()))
+                };
+                key(a).cmp(&key(b))
+            });
+            if json {
+                let v: Vec<_> = relays
+                    .iter()
+                    .filter_map(|i| {
+                        let r = i.relay.as_ref()?;
+                        Some(
+                            json!({"id": r.relay_id, "region": r.region, "online": i.online,
+                               "addresses": r.addresses, "reservations": r.reservations,
+                               "circuits": r.circuits, "bytes_relayed": i.bytes_relayed,
+                               "registered_ms": i.registered_ms}),
+                        )
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<54} {:<12} {:<7} {:>6} {:>6} {:>14}  {:<14} ADDRESSES",
+                    "ID", "REGION", "ONLINE", "RESV", "CIRC", "BYTES RELAYED", "REGISTERED"
+                );
+                for i in &relays {
+                    let Some(r) = &i.relay else { continue };
+                    println!(
+                        "{:<54} {:<12} {:<7} {:>6} {:>6} {:>14}  {:<14} {}",
+                        r.relay_id,
+                        if r.region.is_empty() { "-" } else { &r.region },
+                        if i.online { "yes" } else { "no" },
+                        r.reservations,
+                        r.circuits,
+                        i.bytes_relayed,
+                        relative(i.registered_ms),
+                        r.addresses.join(" ")
                     );
                 }
             }

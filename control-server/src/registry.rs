@@ -6,6 +6,13 @@
 //! members in memory so snapshots and fan-out never touch the disk. Every
 //! change to a group happens under its hub's lock, which is what makes
 //! "snapshot at version V, then every delta above V" exact for a watcher.
+//!
+//! The relay directory ([`crate::relays`]) hooks in at two places: each hub
+//! also reports membership changes (with the group's version) to the
+//! directory's member channel, and carries the list of online relays, which
+//! the directory replaces through the same publish path.
+//!
+//! Lock order: relay directory → hub table → one hub.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,13 +21,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use libp2p_identity::{PeerId, PublicKey};
 use peermesh_proto::api::{
     self, GroupInfo, LinkEntry, LinkReport, NetworkMap, NetworkMapUpdate, NodeInfo, NodeState,
-    PathKind, Peer, TokenInfo,
+    PathKind, Peer, Relay, TokenInfo,
 };
 use peermesh_proto::signing;
 use peermesh_proto::store::v1::{GroupRecord, LinkRecord, NodeRecord, SessionRecord, TokenRecord};
 use tokio::sync::broadcast;
 
 use crate::error::{ControlError, Result};
+use crate::relays::{self, MemberEvent, RelayDirectory};
 use crate::secrets;
 use crate::store::Store;
 use crate::validate;
@@ -91,12 +99,19 @@ pub enum GroupEvent {
         node_id: Arc<str>,
         reason: RemovalReason,
     },
+    /// The list of online relays was replaced.
+    Relays {
+        version: u64,
+        relays: Arc<Vec<Relay>>,
+    },
 }
 
 impl GroupEvent {
     pub fn version(&self) -> u64 {
         match self {
-            Self::Upsert { version, .. } | Self::Removed { version, .. } => *version,
+            Self::Upsert { version, .. }
+            | Self::Removed { version, .. }
+            | Self::Relays { version, .. } => *version,
         }
     }
 
@@ -111,6 +126,12 @@ impl GroupEvent {
             } => (
                 *version,
                 api::network_map_update::Kind::PeerRemoved(node_id.to_string()),
+            ),
+            Self::Relays { version, relays } => (
+                *version,
+                api::network_map_update::Kind::Relays(api::RelayList {
+                    relays: (**relays).clone(),
+                }),
             ),
         };
         NetworkMapUpdate {
@@ -128,23 +149,36 @@ struct GroupState {
     names: HashMap<String, String>,
     /// Open watch streams per node; a node is online while it has one.
     watchers: HashMap<String, usize>,
+    /// The online relays, as the directory last published them.
+    relays: Arc<Vec<Relay>>,
 }
 
 pub struct GroupHub {
+    name: Arc<str>,
     state: Mutex<GroupState>,
     tx: broadcast::Sender<GroupEvent>,
+    /// The relay directory's channel of membership changes (all groups).
+    members_tx: broadcast::Sender<MemberEvent>,
 }
 
 impl GroupHub {
-    fn new(backlog: usize) -> Self {
+    fn new(
+        name: &str,
+        backlog: usize,
+        members_tx: broadcast::Sender<MemberEvent>,
+        relays: Arc<Vec<Relay>>,
+    ) -> Self {
         Self {
+            name: name.into(),
             state: Mutex::new(GroupState {
                 version: 0,
                 members: BTreeMap::new(),
                 names: HashMap::new(),
                 watchers: HashMap::new(),
+                relays,
             }),
             tx: broadcast::channel(backlog).0,
+            members_tx,
         }
     }
 
@@ -158,31 +192,51 @@ impl GroupHub {
     fn publish(&self, st: &mut GroupState, change: Change) {
         st.version += 1;
         let version = st.version;
+        let mut member_change = None;
         let event = match change {
             Change::Upsert(peer) => {
-                st.members.insert(peer.node_id.clone(), peer.clone());
+                let old = st.members.insert(peer.node_id.clone(), peer.clone());
+                if old.is_none() {
+                    member_change = Some((peer.node_id.as_str().into(), true));
+                }
                 GroupEvent::Upsert {
                     version,
                     peer: Arc::new(peer),
                 }
             }
             Change::Remove(node_id, reason) => {
-                st.members.remove(&node_id);
+                let node_id: Arc<str> = node_id.into();
+                if st.members.remove(&*node_id).is_some() {
+                    member_change = Some((node_id.clone(), false));
+                }
                 GroupEvent::Removed {
                     version,
-                    node_id: node_id.into(),
+                    node_id,
                     reason,
                 }
+            }
+            Change::Relays(relays) => {
+                st.relays = relays.clone();
+                GroupEvent::Relays { version, relays }
             }
         };
         // No receivers is fine: nobody is watching.
         let _ = self.tx.send(event);
+        if let Some((node_id, added)) = member_change {
+            let _ = self.members_tx.send(MemberEvent::Member {
+                group: self.name.clone(),
+                version,
+                node_id,
+                added,
+            });
+        }
     }
 }
 
 enum Change {
     Upsert(Peer),
     Remove(String, RemovalReason),
+    Relays(Arc<Vec<Relay>>),
 }
 
 /// What a watcher starts from.
@@ -219,6 +273,7 @@ pub struct Registry {
     clock: Clock,
     limits: Limits,
     hubs: Mutex<HashMap<String, Arc<GroupHub>>>,
+    pub(crate) relays: RelayDirectory,
 }
 
 fn peer_of(n: &NodeRecord, online: bool) -> Peer {
@@ -233,7 +288,7 @@ fn peer_of(n: &NodeRecord, online: bool) -> Peer {
     }
 }
 
-fn token_info(t: &TokenRecord) -> TokenInfo {
+pub(crate) fn token_info(t: &TokenRecord) -> TokenInfo {
     TokenInfo {
         token_id: t.token_id.clone(),
         group: t.group.clone(),
@@ -242,10 +297,11 @@ fn token_info(t: &TokenRecord) -> TokenInfo {
         uses: t.uses,
         max_uses: t.max_uses,
         revoked: t.revoked,
+        relay: t.relay,
     }
 }
 
-fn decode_key(bytes: &[u8]) -> Result<(PublicKey, PeerId)> {
+pub(crate) fn decode_key(bytes: &[u8]) -> Result<(PublicKey, PeerId)> {
     validate::bytes_limit("public_key", bytes.len(), validate::MAX_KEY_BYTES)?;
     let key = PublicKey::try_decode_protobuf(bytes).map_err(|e| {
         ControlError::invalid(format!(
@@ -272,15 +328,14 @@ impl Registry {
             server_id,
             clock,
             hubs: Mutex::new(HashMap::new()),
+            relays: RelayDirectory::new(limits.watch_backlog),
             limits,
         };
         {
             let mut hubs = registry.hubs_lock();
             for g in registry.store.groups()? {
-                hubs.insert(
-                    g.name,
-                    Arc::new(GroupHub::new(registry.limits.watch_backlog)),
-                );
+                let hub = registry.new_hub(&g.name);
+                hubs.insert(g.name, hub);
             }
             for n in registry.store.nodes()? {
                 let Some(hub) = hubs.get(&n.group) else {
@@ -308,12 +363,50 @@ impl Registry {
         &self.store
     }
 
-    fn now(&self) -> u64 {
+    pub(crate) fn now(&self) -> u64 {
         (self.clock)()
     }
 
     fn hubs_lock(&self) -> MutexGuard<'_, HashMap<String, Arc<GroupHub>>> {
         self.hubs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A hub for a new group; call with the hub table locked, so that it
+    /// starts from the relay list that the directory published last.
+    fn new_hub(&self, name: &str) -> Arc<GroupHub> {
+        Arc::new(GroupHub::new(
+            name,
+            self.limits.watch_backlog,
+            self.relays.members_sender(),
+            self.relays.published(),
+        ))
+    }
+
+    /// Every active node of every group, and the version of each group that
+    /// the set reflects (see [`MemberEvent::Member`]).
+    pub(crate) fn member_snapshot(&self) -> (Vec<String>, HashMap<Arc<str>, u64>) {
+        let hubs = self.hubs_lock();
+        let mut ids = Vec::new();
+        let mut versions = HashMap::with_capacity(hubs.len());
+        for hub in hubs.values() {
+            let st = hub.lock();
+            ids.extend(st.members.keys().cloned());
+            versions.insert(hub.name.clone(), st.version);
+        }
+        ids.sort();
+        (ids, versions)
+    }
+
+    /// Replaces the relay list of every group, each change with the group's
+    /// next version. Called with the relay directory locked, so every group
+    /// sees the lists in the same order.
+    pub(crate) fn publish_relays(&self, relays: Arc<Vec<Relay>>) {
+        let hubs = self.hubs_lock();
+        self.relays.set_published(relays.clone());
+        for hub in hubs.values() {
+            let mut st = hub.lock();
+            hub.publish(&mut st, Change::Relays(relays.clone()));
+        }
     }
 
     fn hub(&self, group: &str) -> Result<Arc<GroupHub>> {
@@ -323,7 +416,7 @@ impl Registry {
             .ok_or_else(|| ControlError::not_found(format!("no group named {group:?}")))
     }
 
-    fn check_skew(&self, timestamp_ms: u64) -> Result<()> {
+    pub(crate) fn check_skew(&self, timestamp_ms: u64) -> Result<()> {
         let now = self.now();
         let off = now.abs_diff(timestamp_ms);
         if off > self.limits.clock_skew_ms {
@@ -336,7 +429,9 @@ impl Registry {
         Ok(())
     }
 
-    fn new_session(&self, node_id: &str) -> Result<api::Session> {
+    /// A session for `node_id`, or for a relay when given
+    /// [`relays::session_subject`].
+    pub(crate) fn new_session(&self, node_id: &str) -> Result<api::Session> {
         let credential = secrets::generate(secrets::SESSION_PREFIX);
         let expires_ms = self.now() + self.limits.session_ttl_ms;
         self.store.put_session(
@@ -368,10 +463,8 @@ impl Registry {
                 name: name.to_string(),
                 created_ms,
             })?;
-            hubs.insert(
-                name.to_string(),
-                Arc::new(GroupHub::new(self.limits.watch_backlog)),
-            );
+            let hub = self.new_hub(name);
+            hubs.insert(name.to_string(), hub);
         }
         self.store.flush().await?;
         tracing::info!(group = name, "group created");
@@ -398,13 +491,40 @@ impl Registry {
             .collect())
     }
 
+    /// A join token for nodes of `group`.
     pub async fn create_token(
         &self,
         group: &str,
         ttl_secs: u64,
         max_uses: u32,
     ) -> Result<(String, TokenInfo)> {
-        self.hub(group)?;
+        self.create_token_with(group, ttl_secs, max_uses, false)
+            .await
+    }
+
+    /// A join token for nodes of `group`, or with `relay` a token for relay
+    /// servers (which belong to no group: `group` must be empty).
+    pub async fn create_token_with(
+        &self,
+        group: &str,
+        ttl_secs: u64,
+        max_uses: u32,
+        relay: bool,
+    ) -> Result<(String, TokenInfo)> {
+        if relay {
+            if !group.is_empty() {
+                return Err(ControlError::invalid(
+                    "a relay token belongs to no group; leave the group empty",
+                ));
+            }
+        } else {
+            if group.is_empty() {
+                return Err(ControlError::invalid(
+                    "a node token needs a group (or ask for a relay token)",
+                ));
+            }
+            self.hub(group)?;
+        }
         if ttl_secs > MAX_TOKEN_TTL_SECS {
             return Err(ControlError::invalid(format!(
                 "ttl of {ttl_secs} s is longer than the limit of {MAX_TOKEN_TTL_SECS} s"
@@ -425,10 +545,11 @@ impl Registry {
             uses: 0,
             max_uses,
             revoked: false,
+            relay,
         };
         self.store.put_token(&rec)?;
         self.store.flush().await?;
-        tracing::info!(group, token_id = %rec.token_id, ttl_ms, max_uses, "join token created");
+        tracing::info!(group, token_id = %rec.token_id, ttl_ms, max_uses, relay, "join token created");
         Ok((token, token_info(&rec)))
     }
 
@@ -463,6 +584,9 @@ impl Registry {
             .store
             .token(&token_id)?
             .ok_or_else(|| ControlError::not_found(format!("no token with id {token_id}")))?;
+        if rec.relay {
+            return self.revoke_relay_token(rec, keep_nodes).await;
+        }
         let hub = self.hub(&rec.group)?;
         let mut revoked_nodes = Vec::new();
         {
@@ -635,6 +759,11 @@ impl Registry {
             .store
             .token(&token_id)?
             .ok_or_else(|| ControlError::unauthenticated("unknown join token"))?;
+        if token.relay {
+            return Err(ControlError::unauthenticated(
+                "this is a relay token: relay servers register with it; nodes join with a group's token",
+            ));
+        }
         let hub = self.hub(&token.group)?;
         let node_id = peer_id.to_string();
         let now = self.now();
@@ -791,6 +920,12 @@ impl Registry {
             .session(&secrets::digest(credential))?
             .filter(|s| s.expires_ms > self.now())
             .ok_or_else(|| ControlError::unauthenticated("unknown or expired session"))?;
+        if relays::is_relay_subject(&session.node_id) {
+            return Err(ControlError::PermissionDenied(
+                "this is a relay's session; node calls need a session from Join or Authenticate"
+                    .into(),
+            ));
+        }
         let node = self.store.node(&session.node_id)?.ok_or_else(|| {
             ControlError::PermissionDenied(RemovalReason::Removed.describe().into())
         })?;
@@ -822,7 +957,7 @@ impl Registry {
                     .filter(|p| p.node_id != ctx.node_id)
                     .cloned()
                     .collect(),
-                relays: Vec::new(),
+                relays: st.relays.to_vec(),
             })),
         })
     }
@@ -832,6 +967,14 @@ impl Registry {
     pub fn watch(self: &Arc<Self>, ctx: &NodeCtx) -> Result<Subscription> {
         let hub = self.hub(&ctx.group)?;
         let mut st = hub.lock();
+        // Checked before anything changes: the node may have been removed
+        // since its session was authorized. (Failing later would drop the
+        // guard below while `st` is held, and its drop takes this lock.)
+        if !st.members.contains_key(&ctx.node_id) {
+            return Err(ControlError::PermissionDenied(
+                "node is not a member".into(),
+            ));
+        }
         let events = hub.tx.subscribe();
         let count = st.watchers.entry(ctx.node_id.clone()).or_insert(0);
         *count += 1;

@@ -7,7 +7,9 @@ use prost::Message;
 use sled::{Db, Tree};
 
 use crate::error::Result;
-use peermesh_proto::store::v1::{GroupRecord, LinkRecord, NodeRecord, SessionRecord, TokenRecord};
+use peermesh_proto::store::v1::{
+    GroupRecord, LinkRecord, NodeRecord, RelayRecord, SessionRecord, TokenRecord,
+};
 
 #[derive(Clone)]
 pub struct Store {
@@ -20,6 +22,8 @@ pub struct Store {
     pub(crate) links: Tree,
     /// node id → removal reason, so a removed node is told why it is refused.
     pub(crate) removed: Tree,
+    /// relay id → the relay directory's record.
+    pub(crate) relays: Tree,
 }
 
 fn get<M: Message + Default>(tree: &Tree, key: impl AsRef<[u8]>) -> Result<Option<M>> {
@@ -63,12 +67,21 @@ impl Store {
             sessions: db.open_tree("sessions")?,
             links: db.open_tree("links")?,
             removed: db.open_tree("removed")?,
+            relays: db.open_tree("relays")?,
             db,
         })
     }
 
     pub async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await?;
+        // Not `flush_async`: that runs the flush on sled's own IO thread pool,
+        // where concurrent flushes can occupy every pool thread waiting for a
+        // buffer write that is queued on the same pool and so never runs
+        // (sled 0.34.7, spacejam/sled#1308; seen with ~50 concurrent joins).
+        // A blocking flush on tokio's blocking pool leaves sled's threads free.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| sled::Error::Io(std::io::Error::other(e)))??;
         Ok(())
     }
 
@@ -131,6 +144,20 @@ impl Store {
     pub fn clear_tombstone(&self, node_id: &str) -> Result<()> {
         self.removed.remove(node_id)?;
         Ok(())
+    }
+
+    pub fn relay(&self, relay_id: &str) -> Result<Option<RelayRecord>> {
+        get(&self.relays, relay_id)
+    }
+    pub fn put_relay(&self, r: &RelayRecord) -> Result<()> {
+        put(&self.relays, &r.relay_id, r)
+    }
+    pub fn delete_relay(&self, relay_id: &str) -> Result<()> {
+        self.relays.remove(relay_id)?;
+        Ok(())
+    }
+    pub fn relays(&self) -> Result<Vec<RelayRecord>> {
+        scan(&self.relays, b"")
     }
 
     pub fn session(&self, hash: &[u8]) -> Result<Option<SessionRecord>> {
@@ -198,5 +225,35 @@ impl Store {
                 Ok((from, to, LinkRecord::decode(v.as_ref())?))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many concurrent flushes used to deadlock inside sled (see `flush`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_flushes_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        for round in 0..20u32 {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..64u32 {
+                let store = store.clone();
+                tasks.spawn(async move {
+                    store.meta_put(&format!("k{round}-{i}"), "v")?;
+                    store.flush().await
+                });
+            }
+            let all = async {
+                while let Some(done) = tasks.join_next().await {
+                    done.unwrap().unwrap();
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(30), all)
+                .await
+                .expect("concurrent flushes deadlocked");
+        }
     }
 }

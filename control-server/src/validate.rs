@@ -65,10 +65,19 @@ pub fn addresses(list: &[String]) -> Result<()> {
     }
     for a in list {
         bytes_limit("address", a.len(), MAX_ADDRESS_LEN)?;
-        if let Err(e) = a.parse::<multiaddr::Multiaddr>() {
-            return Err(ControlError::invalid(format!(
-                "address {a:?} is not a multiaddr (e.g. /ip4/192.0.2.1/udp/4000/quic-v1): {e}"
-            )));
+        match a.parse::<multiaddr::Multiaddr>() {
+            Err(e) => {
+                return Err(ControlError::invalid(format!(
+                    "address {a:?} is not a multiaddr (e.g. /ip4/192.0.2.1/udp/4000/quic-v1): {e}"
+                )))
+            }
+            // "" parses as the multiaddr of no protocols: nowhere to dial.
+            Ok(m) if m.is_empty() => {
+                return Err(ControlError::invalid(
+                    "address \"\" is not a multiaddr (e.g. /ip4/192.0.2.1/udp/4000/quic-v1): it is empty",
+                ))
+            }
+            Ok(_) => {}
         }
     }
     Ok(())

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use peermesh_proto::api::{
     admin_server::Admin, CreateGroupRequest, CreateTokenRequest, CreateTokenResponse, GroupInfo,
     LinkTableRequest, LinkTableResponse, ListGroupsRequest, ListGroupsResponse, ListNodesRequest,
-    ListNodesResponse, ListTokensRequest, ListTokensResponse, RemoveNodeRequest,
-    RemoveNodeResponse, RevokeTokenRequest, RevokeTokenResponse,
+    ListNodesResponse, ListRelaysRequest, ListRelaysResponse, ListTokensRequest,
+    ListTokensResponse, RemoveNodeRequest, RemoveNodeResponse, RevokeTokenRequest,
+    RevokeTokenResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -66,7 +67,7 @@ impl Admin for AdminApi {
         let r = req.get_ref();
         let (token, info) = self
             .registry
-            .create_token(&r.group, r.ttl_seconds, r.max_uses)
+            .create_token_with(&r.group, r.ttl_seconds, r.max_uses, r.relay)
             .await?;
         Ok(Response::new(CreateTokenResponse {
             token,
@@ -125,6 +126,16 @@ impl Admin for AdminApi {
         self.check(&req)?;
         Ok(Response::new(LinkTableResponse {
             links: self.registry.link_table(&req.get_ref().group)?,
+        }))
+    }
+
+    async fn list_relays(
+        &self,
+        req: Request<ListRelaysRequest>,
+    ) -> Result<Response<ListRelaysResponse>, Status> {
+        self.check(&req)?;
+        Ok(Response::new(ListRelaysResponse {
+            relays: self.registry.list_relays()?,
         }))
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod node;
+pub mod relay;
 
 use tonic::metadata::MetadataMap;
 use tonic::Status;

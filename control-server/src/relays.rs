@@ -1,0 +1,723 @@
+//! The relay directory (seed 001): relay servers register with a relay token,
+//! hold `WatchMembers` open to learn which nodes they serve, and report their
+//! load; every group's network map lists the relays that are online.
+//!
+//! - Durable: one [`RelayRecord`] per registered relay (sled `relays` tree).
+//! - In memory: which relays are online (hold at least one `WatchMembers`
+//!   stream) and their last reported load.
+//! - Relay sessions share the sessions tree with nodes; their subject is
+//!   `relay:<relay id>` ([`session_subject`]), which no node id can be, so a
+//!   relay session never passes as a node's and a node's never as a relay's.
+//! - The online relay list reaches the maps through each group hub's publish
+//!   path ([`Registry::publish_relays`]), so versions stay monotonic per
+//!   group. Load changes are published only when significant
+//!   ([`significant_change`]) and at most once a second per relay.
+//! - Membership changes come from the hubs over one broadcast channel, each
+//!   stamped with its group's version: a watcher skips what its snapshot
+//!   already holds, so "snapshot, then every later change" is exact.
+//!
+//! Lock order: directory state → hub table → one hub. The directory lock is
+//! held across every change of the relay list, so all groups see the lists in
+//! the same order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use peermesh_proto::api::{
+    self, member_update, MemberSet, MemberUpdate, Relay, RelayInfo, TokenInfo,
+};
+use peermesh_proto::signing;
+use peermesh_proto::store::v1::{RelayRecord, TokenRecord};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::error::{ControlError, Result};
+use crate::registry::{decode_key, token_info, Registry};
+use crate::{secrets, validate};
+
+/// Session subjects of relays start with this; node ids (PeerIds) never
+/// contain a colon.
+const SUBJECT_PREFIX: &str = "relay:";
+/// Longest region label accepted.
+pub const MAX_REGION: usize = 63;
+/// At most one relay-list update per relay per this interval because of load
+/// reports (coming online and going offline are never delayed).
+pub const LOAD_UPDATE_INTERVAL: Duration = Duration::from_secs(1);
+
+const DROPPED: &str =
+    "this relay was dropped from the directory: its relay token was revoked by an administrator";
+
+/// The session subject of relay `relay_id`.
+pub fn session_subject(relay_id: &str) -> String {
+    format!("{SUBJECT_PREFIX}{relay_id}")
+}
+
+pub fn is_relay_subject(subject: &str) -> bool {
+    subject.starts_with(SUBJECT_PREFIX)
+}
+
+/// Whether a load report differs enough from the one the maps show to be worth
+/// an update: a change of at least a fifth in reservations or circuits.
+pub fn significant_change(shown: (u32, u32), reported: (u32, u32)) -> bool {
+    let differs = |a: u32, b: u32| {
+        let d = u64::from(a.abs_diff(b));
+        d > 0 && d * 5 >= u64::from(a.max(b))
+    };
+    differs(shown.0, reported.0) || differs(shown.1, reported.1)
+}
+
+/// What the directory's channel carries.
+#[derive(Clone, Debug)]
+pub enum MemberEvent {
+    /// A node became an active member of `group` (`added`) or stopped being
+    /// one, at the group's `version`.
+    Member {
+        group: Arc<str>,
+        version: u64,
+        node_id: Arc<str>,
+        added: bool,
+    },
+    /// The relay was dropped from the directory; its streams end.
+    RelayDropped { relay_id: Arc<str> },
+}
+
+/// An authenticated relay, as resolved from a session credential.
+#[derive(Clone, Debug)]
+pub struct RelayCtx {
+    pub relay_id: String,
+}
+
+struct Online {
+    /// Tells this stay online apart from a later one of the same relay.
+    epoch: u64,
+    watchers: usize,
+    addresses: Vec<String>,
+    region: String,
+    /// (reservations, circuits) as the maps show them.
+    shown_load: (u32, u32),
+    last_publish: Instant,
+    /// A delayed load update is scheduled.
+    deferred: bool,
+}
+
+#[derive(Default)]
+struct DirState {
+    online: BTreeMap<String, Online>,
+    /// Last reported (reservations, circuits) of every relay.
+    load: HashMap<String, (u32, u32)>,
+    next_epoch: u64,
+}
+
+pub struct RelayDirectory {
+    state: Mutex<DirState>,
+    /// The list every hub holds; changed only under `state` and the hub
+    /// table's lock, read under either.
+    published: Mutex<Arc<Vec<Relay>>>,
+    members_tx: broadcast::Sender<MemberEvent>,
+}
+
+impl RelayDirectory {
+    pub(crate) fn new(backlog: usize) -> Self {
+        Self {
+            state: Mutex::new(DirState::default()),
+            published: Mutex::new(Arc::new(Vec::new())),
+            members_tx: broadcast::channel(backlog).0,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DirState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn members_sender(&self) -> broadcast::Sender<MemberEvent> {
+        self.members_tx.clone()
+    }
+
+    pub(crate) fn published(&self) -> Arc<Vec<Relay>> {
+        self.published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_published(&self, relays: Arc<Vec<Relay>>) {
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = relays;
+    }
+}
+
+/// What a relay's `WatchMembers` starts from.
+pub struct MemberSubscription {
+    pub first: MemberUpdate,
+    pub cursor: MemberCursor,
+    pub events: broadcast::Receiver<MemberEvent>,
+    pub guard: RelayGuard,
+}
+
+/// Turns directory events into one relay's member updates.
+pub struct MemberCursor {
+    relay_id: String,
+    /// Per group, the version that the last full set reflected.
+    seen: HashMap<Arc<str>, u64>,
+}
+
+/// What to do with one directory event.
+#[derive(Debug)]
+pub enum MemberStep {
+    /// Already in the set the relay has, or about another relay.
+    Skip,
+    Send(MemberUpdate),
+    /// The relay itself was dropped: end the stream with this error.
+    End(ControlError),
+}
+
+impl MemberCursor {
+    pub fn step(&mut self, event: &MemberEvent) -> MemberStep {
+        match event {
+            MemberEvent::Member {
+                group,
+                version,
+                node_id,
+                added,
+            } => {
+                let seen = self.seen.entry(group.clone()).or_insert(0);
+                if *version <= *seen {
+                    return MemberStep::Skip;
+                }
+                *seen = *version;
+                let kind = if *added {
+                    member_update::Kind::Added(node_id.to_string())
+                } else {
+                    member_update::Kind::Removed(node_id.to_string())
+                };
+                MemberStep::Send(MemberUpdate { kind: Some(kind) })
+            }
+            MemberEvent::RelayDropped { relay_id } if **relay_id == *self.relay_id => {
+                MemberStep::End(ControlError::PermissionDenied(DROPPED.into()))
+            }
+            MemberEvent::RelayDropped { .. } => MemberStep::Skip,
+        }
+    }
+
+    /// After a fresh full set (a lagged stream).
+    pub fn reset(&mut self, seen: HashMap<Arc<str>, u64>) {
+        self.seen = seen;
+    }
+}
+
+/// Takes the relay offline when its last `WatchMembers` stream ends.
+pub struct RelayGuard {
+    registry: Arc<Registry>,
+    relay_id: String,
+    epoch: u64,
+}
+
+impl Drop for RelayGuard {
+    fn drop(&mut self) {
+        self.registry.relay_watch_closed(&self.relay_id, self.epoch);
+    }
+}
+
+fn full_set(node_ids: Vec<String>) -> MemberUpdate {
+    MemberUpdate {
+        kind: Some(member_update::Kind::Full(MemberSet { node_ids })),
+    }
+}
+
+fn check_region(region: &str) -> Result<()> {
+    validate::bytes_limit("region", region.len(), MAX_REGION)?;
+    if region.chars().any(char::is_control) {
+        return Err(ControlError::invalid(format!(
+            "region {region:?} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_relay_addresses(addresses: &[String]) -> Result<Vec<String>> {
+    validate::addresses(addresses)?;
+    if addresses.is_empty() {
+        return Err(ControlError::invalid(
+            "a relay needs at least one address (e.g. /ip4/192.0.2.1/udp/4001/quic-v1)",
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(addresses.len());
+    for a in addresses {
+        let ma: multiaddr::Multiaddr = a.parse().expect("validated above");
+        if ma.iter().any(|p| matches!(p, multiaddr::Protocol::P2p(_))) {
+            return Err(ControlError::invalid(format!(
+                "relay address {a:?} carries a /p2p/ part; give it without (nodes add the relay id)"
+            )));
+        }
+        if !out.contains(a) {
+            out.push(a.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn check_relay_token(token: &TokenRecord, now: u64) -> Result<()> {
+    if !token.relay {
+        return Err(ControlError::unauthenticated(format!(
+            "this is a node join token (group {:?}); relays register with a relay token (create-token --relay)",
+            token.group
+        )));
+    }
+    if token.revoked {
+        return Err(ControlError::unauthenticated("relay token was revoked"));
+    }
+    if token.expires_ms <= now {
+        return Err(ControlError::unauthenticated(format!(
+            "relay token expired {} ago",
+            humantime::format_duration(Duration::from_secs((now - token.expires_ms) / 1000))
+        )));
+    }
+    Ok(())
+}
+
+impl Registry {
+    /// Registers (or re-registers) a relay and opens a relay session.
+    pub async fn register_relay(
+        &self,
+        req: &api::RegisterRelayRequest,
+    ) -> Result<api::RegisterRelayResponse> {
+        validate::bytes_limit("token", req.token.len(), validate::MAX_TOKEN_LEN)?;
+        if !secrets::well_formed(&req.token, secrets::JOIN_TOKEN_PREFIX) {
+            return Err(ControlError::invalid(
+                "malformed relay token (expected pmj_ and 48 hex digits)",
+            ));
+        }
+        let (key, peer_id) = decode_key(&req.public_key)?;
+        validate::bytes_limit(
+            "signature",
+            req.signature.len(),
+            validate::MAX_SIGNATURE_BYTES,
+        )?;
+        let addresses = check_relay_addresses(&req.addresses)?;
+        check_region(&req.region)?;
+        self.check_skew(req.timestamp_ms)?;
+        let payload = signing::relay_payload(
+            &req.token,
+            &req.public_key,
+            &req.addresses,
+            &req.region,
+            req.timestamp_ms,
+        );
+        if !key.verify(&payload, &req.signature) {
+            return Err(ControlError::unauthenticated(
+                "relay registration signature does not verify with the given public key",
+            ));
+        }
+
+        let token_id = secrets::token_id(&req.token);
+        let relay_id = peer_id.to_string();
+        let now = self.now();
+        {
+            let mut dir = self.relays.lock();
+            let mut token = self
+                .store()
+                .token(&token_id)?
+                .ok_or_else(|| ControlError::unauthenticated("unknown relay token"))?;
+            check_relay_token(&token, now)?;
+            let existing = self.store().relay(&relay_id)?;
+            if existing
+                .as_ref()
+                .is_some_and(|r| req.timestamp_ms <= r.last_auth_ms)
+            {
+                return Err(ControlError::unauthenticated(
+                    "stale signed timestamp (a replayed request?)",
+                ));
+            }
+            // Registering again with the same token (a restart, a retry whose
+            // answer was lost) does not use the token up.
+            let repeat = existing.as_ref().is_some_and(|r| r.token_id == token_id);
+            if !repeat {
+                if token.max_uses != 0 && token.uses >= token.max_uses {
+                    return Err(ControlError::unauthenticated(format!(
+                        "relay token used up ({} of {} uses)",
+                        token.uses, token.max_uses
+                    )));
+                }
+                token.uses += 1;
+                self.store().put_token(&token)?;
+            }
+            let mut rec = existing.unwrap_or_else(|| RelayRecord {
+                relay_id: relay_id.clone(),
+                public_key: req.public_key.clone(),
+                registered_ms: now,
+                ..Default::default()
+            });
+            rec.addresses = addresses;
+            rec.region = req.region.clone();
+            rec.token_id = token_id;
+            rec.last_auth_ms = req.timestamp_ms;
+            self.store().put_relay(&rec)?;
+            // An online relay's new addresses reach the maps at once.
+            if let Some(o) = dir.online.get_mut(&relay_id) {
+                o.addresses = rec.addresses.clone();
+                o.region = rec.region.clone();
+                self.publish_relay_list(&dir);
+            }
+        }
+        let session = self.new_session(&session_subject(&relay_id))?;
+        self.store().flush().await?;
+        tracing::info!(relay = %relay_id, addresses = ?req.addresses, region = %req.region, "relay registered");
+        Ok(api::RegisterRelayResponse {
+            relay_id,
+            session: Some(session),
+            server_id: self.server_id().to_string(),
+        })
+    }
+
+    /// Resolves a session credential to the relay it belongs to.
+    pub fn authorize_relay(&self, credential: &str) -> Result<RelayCtx> {
+        if !secrets::well_formed(credential, secrets::SESSION_PREFIX) {
+            return Err(ControlError::unauthenticated(
+                "missing or malformed session credential (authorization: Bearer pms_…)",
+            ));
+        }
+        let session = self
+            .store()
+            .session(&secrets::digest(credential))?
+            .filter(|s| s.expires_ms > self.now())
+            .ok_or_else(|| ControlError::unauthenticated("unknown or expired session"))?;
+        let relay_id = session
+            .node_id
+            .strip_prefix(SUBJECT_PREFIX)
+            .ok_or_else(|| {
+                ControlError::PermissionDenied(
+                    "this is a node's session; relay calls need a session from RegisterRelay"
+                        .into(),
+                )
+            })?;
+        if self.store().relay(relay_id)?.is_none() {
+            return Err(ControlError::PermissionDenied(DROPPED.into()));
+        }
+        Ok(RelayCtx {
+            relay_id: relay_id.to_string(),
+        })
+    }
+
+    /// Opens a member watch: every active node now, then the changes; the
+    /// relay is online (listed in every map) while it holds one.
+    pub fn watch_members(self: &Arc<Self>, ctx: &RelayCtx) -> Result<MemberSubscription> {
+        let mut dir = self.relays.lock();
+        let rec = self
+            .store()
+            .relay(&ctx.relay_id)?
+            .ok_or_else(|| ControlError::PermissionDenied(DROPPED.into()))?;
+        // Subscribed before the snapshot: every change after it is received.
+        let events = self.relays.members_tx.subscribe();
+        let (node_ids, seen) = self.member_snapshot();
+        let st = &mut *dir;
+        let epoch = match st.online.get_mut(&ctx.relay_id) {
+            Some(o) => {
+                o.watchers += 1;
+                o.epoch
+            }
+            None => {
+                let epoch = st.next_epoch;
+                st.next_epoch += 1;
+                st.online.insert(
+                    ctx.relay_id.clone(),
+                    Online {
+                        epoch,
+                        watchers: 1,
+                        addresses: rec.addresses,
+                        region: rec.region,
+                        shown_load: st.load.get(&ctx.relay_id).copied().unwrap_or_default(),
+                        last_publish: Instant::now(),
+                        deferred: false,
+                    },
+                );
+                self.publish_relay_list(st);
+                tracing::info!(relay = %ctx.relay_id, "relay online");
+                epoch
+            }
+        };
+        Ok(MemberSubscription {
+            first: full_set(node_ids),
+            cursor: MemberCursor {
+                relay_id: ctx.relay_id.clone(),
+                seen,
+            },
+            events,
+            guard: RelayGuard {
+                registry: self.clone(),
+                relay_id: ctx.relay_id.clone(),
+                epoch,
+            },
+        })
+    }
+
+    /// A fresh full member set for a watcher that fell behind, and the
+    /// versions it reflects.
+    pub fn member_resync(&self, ctx: &RelayCtx) -> Result<(MemberUpdate, HashMap<Arc<str>, u64>)> {
+        if self.store().relay(&ctx.relay_id)?.is_none() {
+            return Err(ControlError::PermissionDenied(DROPPED.into()));
+        }
+        let (node_ids, seen) = self.member_snapshot();
+        Ok((full_set(node_ids), seen))
+    }
+
+    fn relay_watch_closed(&self, relay_id: &str, epoch: u64) {
+        let mut dir = self.relays.lock();
+        let Some(o) = dir.online.get_mut(relay_id) else {
+            return;
+        };
+        if o.epoch != epoch {
+            return;
+        }
+        o.watchers -= 1;
+        if o.watchers > 0 {
+            return;
+        }
+        dir.online.remove(relay_id);
+        self.publish_relay_list(&dir);
+        tracing::info!(relay = relay_id, "relay offline");
+    }
+
+    /// Publishes the online relays to every group if the list changed.
+    fn publish_relay_list(&self, dir: &DirState) {
+        let list: Vec<Relay> = dir
+            .online
+            .iter()
+            .map(|(id, o)| Relay {
+                relay_id: id.clone(),
+                addresses: o.addresses.clone(),
+                region: o.region.clone(),
+                reservations: o.shown_load.0,
+                circuits: o.shown_load.1,
+            })
+            .collect();
+        if *self.relays.published() != list {
+            self.publish_relays(Arc::new(list));
+        }
+    }
+
+    /// Records a relay's load; the maps follow significant changes, at most
+    /// once a second per relay (a change held back is published when the
+    /// second is over). Needs a tokio runtime.
+    pub fn report_relay_load(
+        self: &Arc<Self>,
+        ctx: &RelayCtx,
+        load: &api::RelayLoad,
+    ) -> Result<()> {
+        let delay = {
+            let mut dir = self.relays.lock();
+            let mut rec = self
+                .store()
+                .relay(&ctx.relay_id)?
+                .ok_or_else(|| ControlError::PermissionDenied(DROPPED.into()))?;
+            if rec.bytes_relayed != load.bytes_relayed {
+                // Informational: not flushed.
+                rec.bytes_relayed = load.bytes_relayed;
+                self.store().put_relay(&rec)?;
+            }
+            dir.load
+                .insert(ctx.relay_id.clone(), (load.reservations, load.circuits));
+            self.refresh_load(&mut dir, &ctx.relay_id)
+        };
+        if let Some(delay) = delay {
+            self.load_timer(ctx.relay_id.clone(), delay);
+        }
+        Ok(())
+    }
+
+    /// Shows the relay's reported load in the maps if it differs enough;
+    /// returns how long to wait when the last update was too recent.
+    fn refresh_load(&self, dir: &mut DirState, relay_id: &str) -> Option<Duration> {
+        let reported = dir.load.get(relay_id).copied().unwrap_or_default();
+        let o = dir.online.get_mut(relay_id)?;
+        if !significant_change(o.shown_load, reported) {
+            return None;
+        }
+        let since = o.last_publish.elapsed();
+        if since < LOAD_UPDATE_INTERVAL {
+            if o.deferred {
+                return None;
+            }
+            o.deferred = true;
+            return Some(LOAD_UPDATE_INTERVAL - since);
+        }
+        o.shown_load = reported;
+        o.last_publish = Instant::now();
+        self.publish_relay_list(dir);
+        None
+    }
+
+    fn load_timer(self: &Arc<Self>, relay_id: String, delay: Duration) {
+        // Weak: a pending timer does not keep a closed registry alive.
+        let registry: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let Some(registry) = registry.upgrade() else {
+                return;
+            };
+            let again = {
+                let mut dir = registry.relays.lock();
+                if let Some(o) = dir.online.get_mut(&relay_id) {
+                    o.deferred = false;
+                }
+                registry.refresh_load(&mut dir, &relay_id)
+            };
+            if let Some(delay) = again {
+                registry.load_timer(relay_id, delay);
+            }
+        });
+    }
+
+    /// Every registered relay, online or not.
+    pub fn list_relays(&self) -> Result<Vec<RelayInfo>> {
+        let dir = self.relays.lock();
+        Ok(self
+            .store()
+            .relays()?
+            .into_iter()
+            .map(|r| {
+                let (reservations, circuits) =
+                    dir.load.get(&r.relay_id).copied().unwrap_or_default();
+                RelayInfo {
+                    online: dir.online.contains_key(&r.relay_id),
+                    registered_ms: r.registered_ms,
+                    bytes_relayed: r.bytes_relayed,
+                    relay: Some(Relay {
+                        relay_id: r.relay_id,
+                        addresses: r.addresses,
+                        region: r.region,
+                        reservations,
+                        circuits,
+                    }),
+                }
+            })
+            .collect())
+    }
+
+    /// Revokes a relay token and, unless `keep_relays`, drops the relays
+    /// registered with it: out of the directory and the maps, sessions gone,
+    /// member streams ended with PERMISSION_DENIED.
+    pub(crate) async fn revoke_relay_token(
+        &self,
+        rec: TokenRecord,
+        keep_relays: bool,
+    ) -> Result<(TokenInfo, Vec<String>)> {
+        let mut dropped = Vec::new();
+        let rec = {
+            let mut dir = self.relays.lock();
+            // Re-read under the lock: registrations count uses under it.
+            let mut rec = self.store().token(&rec.token_id)?.unwrap_or(rec);
+            rec.revoked = true;
+            self.store().put_token(&rec)?;
+            if !keep_relays {
+                for r in self.store().relays()? {
+                    if r.token_id != rec.token_id {
+                        continue;
+                    }
+                    self.store().delete_relay(&r.relay_id)?;
+                    self.store()
+                        .purge_sessions(Some(&session_subject(&r.relay_id)), self.now())?;
+                    dir.online.remove(&r.relay_id);
+                    dir.load.remove(&r.relay_id);
+                    let _ = self.relays.members_tx.send(MemberEvent::RelayDropped {
+                        relay_id: r.relay_id.as_str().into(),
+                    });
+                    dropped.push(r.relay_id);
+                }
+                self.publish_relay_list(&dir);
+            }
+            rec
+        };
+        self.store().flush().await?;
+        tracing::info!(token_id = %rec.token_id, relays = dropped.len(), "relay token revoked");
+        Ok((token_info(&rec), dropped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_significance() {
+        assert!(!significant_change((0, 0), (0, 0)));
+        assert!(significant_change((0, 0), (1, 0)));
+        assert!(significant_change((0, 4), (0, 5)));
+        assert!(!significant_change((10, 0), (11, 0)));
+        assert!(significant_change((10, 0), (8, 0)));
+        assert!(!significant_change((100, 100), (110, 95)));
+        assert!(significant_change((100, 100), (100, 125)));
+        assert!(significant_change((u32::MAX, 0), (0, 0)));
+    }
+
+    #[test]
+    fn relay_addresses_and_regions() {
+        assert!(check_relay_addresses(&["/ip4/192.0.2.1/udp/4001/quic-v1".into()]).is_ok());
+        assert!(check_relay_addresses(&[]).is_err());
+        assert!(check_relay_addresses(&["192.0.2.1:4001".into()]).is_err());
+        let id = libp2p_identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let with_p2p = format!("/ip4/192.0.2.1/udp/4001/quic-v1/p2p/{id}");
+        assert!(check_relay_addresses(&[with_p2p]).is_err());
+        assert_eq!(
+            check_relay_addresses(&["/ip4/192.0.2.1/tcp/1".into(), "/ip4/192.0.2.1/tcp/1".into()])
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(check_region("").is_ok());
+        assert!(check_region("eu-west").is_ok());
+        assert!(check_region(&"r".repeat(64)).is_err());
+        assert!(check_region("a\nb").is_err());
+    }
+
+    #[test]
+    fn cursor_skips_what_the_snapshot_holds() {
+        let lab: Arc<str> = "lab".into();
+        let mut cursor = MemberCursor {
+            relay_id: "r1".into(),
+            seen: HashMap::from([(lab.clone(), 5)]),
+        };
+        let member = |group: &Arc<str>, version, added| MemberEvent::Member {
+            group: group.clone(),
+            version,
+            node_id: "n".into(),
+            added,
+        };
+        assert!(matches!(
+            cursor.step(&member(&lab, 4, true)),
+            MemberStep::Skip
+        ));
+        assert!(matches!(
+            cursor.step(&member(&lab, 5, false)),
+            MemberStep::Skip
+        ));
+        match cursor.step(&member(&lab, 6, false)) {
+            MemberStep::Send(MemberUpdate {
+                kind: Some(member_update::Kind::Removed(n)),
+            }) => assert_eq!(n, "n"),
+            other => panic!("expected a removal, got {other:?}"),
+        }
+        // A group created after the snapshot starts from zero.
+        match cursor.step(&member(&"new".into(), 1, true)) {
+            MemberStep::Send(MemberUpdate {
+                kind: Some(member_update::Kind::Added(n)),
+            }) => assert_eq!(n, "n"),
+            other => panic!("expected an addition, got {other:?}"),
+        }
+        let dropped = |id: &str| MemberEvent::RelayDropped {
+            relay_id: id.into(),
+        };
+        assert!(matches!(cursor.step(&dropped("r2")), MemberStep::Skip));
+        assert!(matches!(
+            cursor.step(&dropped("r1")),
+            MemberStep::End(ControlError::PermissionDenied(_))
+        ));
+    }
+
+    #[test]
+    fn subjects() {
+        assert!(is_relay_subject(&session_subject("12D3KooW")));
+        assert!(!is_relay_subject("12D3KooW"));
+    }
+}
