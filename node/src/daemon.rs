@@ -3,12 +3,19 @@
 //! restarts), reports endpoints and links, and publishes its status.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use libp2p::PeerId;
 use peermesh_proto::api::{LinkReport, Peer};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Mutex};
 use tonic::Code;
+
+use crate::link::LinkStatus;
+use crate::mesh::{self, MeshCommand, MeshEvent};
+use crate::swarm::RelayEntry;
 
 use crate::control::ControlClient;
 use crate::error::{NodeError, Result};
@@ -29,6 +36,8 @@ pub struct NodeConfig {
     pub advertise: Vec<String>,
     /// How often link status goes to the control server when nothing changes.
     pub link_report_interval: Duration,
+    /// UDP address for the mesh's QUIC endpoint.
+    pub listen: SocketAddr,
 }
 
 impl NodeConfig {
@@ -40,12 +49,12 @@ impl NodeConfig {
             name: None,
             advertise: Vec::new(),
             link_report_interval: Duration::from_secs(5),
+            listen: SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
 }
 
-/// The node's state of a link to one peer. Until the data plane exists every
-/// link is `connecting`; the mesh layer fills in path, RTT and traffic.
+/// The node's state of a link to one peer, as its link worker reports it.
 #[derive(Clone, Debug)]
 struct LinkState {
     path: PathKind,
@@ -57,6 +66,13 @@ struct LinkState {
 }
 
 impl LinkState {
+    fn apply(&mut self, s: &LinkStatus) {
+        self.path = s.path;
+        self.rtt_ms = s.rtt_ms;
+        self.bytes_in = s.bytes_in;
+        self.bytes_out = s.bytes_out;
+    }
+
     fn new() -> Self {
         Self {
             path: PathKind::Connecting,
@@ -131,6 +147,13 @@ pub struct Node {
     links: BTreeMap<String, LinkState>,
     view: watch::Sender<NodeStatus>,
     link_report_interval: Duration,
+    mesh: mpsc::Sender<MeshCommand>,
+    mesh_events: mpsc::Receiver<MeshEvent>,
+    inbox: Arc<Mutex<mpsc::Receiver<(PeerId, bytes::Bytes)>>>,
+    /// Where the mesh says this node is reachable (relay circuit, observed
+    /// and local addresses); published with `advertise`.
+    reachable: Vec<String>,
+    endpoints_dirty: bool,
 }
 
 impl Node {
@@ -156,7 +179,7 @@ impl Node {
                 });
             }
         }
-        let client = ControlClient::new(&url, keypair)?;
+        let client = ControlClient::new(&url, keypair.clone())?;
 
         let membership = match (&config.token, &remembered) {
             (Some(token), _) => {
@@ -217,6 +240,7 @@ impl Node {
             map_version: 0,
             peers: Vec::new(),
         });
+        let mesh = mesh::spawn(keypair, config.listen)?;
         Ok((
             Self {
                 client,
@@ -227,6 +251,11 @@ impl Node {
                 links: BTreeMap::new(),
                 view,
                 link_report_interval: config.link_report_interval,
+                mesh: mesh.commands,
+                mesh_events: mesh.events,
+                inbox: Arc::new(Mutex::new(mesh.inbox)),
+                reachable: Vec::new(),
+                endpoints_dirty: true,
             },
             listener,
         ))
@@ -247,7 +276,12 @@ impl Node {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
         let socket = self.state.socket_path();
-        let status_task = tokio::spawn(status::serve(listener, self.view.subscribe()));
+        let ctx = status::Ctx {
+            view: self.view.subscribe(),
+            mesh: self.mesh.clone(),
+            inbox: self.inbox.clone(),
+        };
+        let status_task = tokio::spawn(status::serve(listener, ctx));
         let result = self.control_loop(shutdown).await;
         status_task.abort();
         let _ = std::fs::remove_file(&socket);
@@ -281,11 +315,46 @@ impl Node {
             self.set_control(false, Some(reason.clone()));
             let delay = backoff.step();
             tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, "control server connection lost");
-            tokio::select! {
-                _ = &mut shutdown => return Ok(()),
-                _ = tokio::time::sleep(delay) => {}
+            let wait = tokio::time::sleep(delay);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = &mut wait => break,
+                    ev = self.mesh_events.recv() => {
+                        if let Some(ev) = ev { self.on_mesh_event(ev); }
+                    }
+                }
             }
         }
+    }
+
+    fn on_mesh_event(&mut self, ev: MeshEvent) {
+        match ev {
+            MeshEvent::Reachable(addrs) => {
+                tracing::info!(addresses = ?addrs, "reachable at");
+                self.reachable = addrs.iter().map(|a| a.to_string()).collect();
+                self.endpoints_dirty = true;
+            }
+            MeshEvent::Link(peer, s) => {
+                let id = peer.to_string();
+                if let Some(l) = self.links.get_mut(&id) {
+                    if l.path != s.path {
+                        tracing::info!(peer = %id, path = s.path.as_str(), rtt_ms = ?s.rtt_ms, "link path");
+                    }
+                    l.apply(&s);
+                }
+                self.publish();
+            }
+        }
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        let mut all = self.advertise.clone();
+        all.extend(self.reachable.iter().cloned());
+        all.dedup();
+        all.truncate(32);
+        all
     }
 
     /// One watch stream, from open to its end.
@@ -294,9 +363,10 @@ impl Node {
             Ok(s) => s,
             Err(s) => return session_end(s),
         };
-        if let Err(s) = self.client.update_endpoints(self.advertise.clone()).await {
+        if let Err(s) = self.client.update_endpoints(self.endpoints()).await {
             return session_end(s);
         }
+        self.endpoints_dirty = false;
         let mut report = tokio::time::interval(self.link_report_interval);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut links_dirty = true;
@@ -310,7 +380,7 @@ impl Node {
                                     tracing::info!(peers = self.map.peers.len(), version = self.map.version, "network map received");
                                     self.set_control(true, None);
                                 }
-                                links_dirty |= self.on_changes(changes);
+                                links_dirty |= self.on_changes(changes).await;
                             }
                             Err(e) => return Ok(SessionEnd::Retry(format!("bad map update: {e}"))),
                         }
@@ -330,40 +400,102 @@ impl Node {
                         return session_end(s);
                     }
                 }
+                ev = self.mesh_events.recv() => {
+                    let Some(ev) = ev else {
+                        return Err(NodeError::Swarm("the mesh task stopped".into()));
+                    };
+                    let path_changed = matches!(&ev, MeshEvent::Link(p, s)
+                        if self.links.get(&p.to_string()).is_some_and(|l| l.path != s.path));
+                    self.on_mesh_event(ev);
+                    if self.endpoints_dirty {
+                        if let Err(s) = self.client.update_endpoints(self.endpoints()).await {
+                            return session_end(s);
+                        }
+                        self.endpoints_dirty = false;
+                    }
+                    if path_changed {
+                        if let Err(s) = self.report_links().await {
+                            return session_end(s);
+                        }
+                    }
+                }
             }
         }
     }
 
-    /// Applies map changes to the link table; true when it changed.
-    fn on_changes(&mut self, changes: Vec<MapChange>) -> bool {
+    /// Applies map changes to the link table and the mesh; true when the
+    /// link table changed.
+    async fn on_changes(&mut self, changes: Vec<MapChange>) -> bool {
         let mut dirty = false;
         for c in changes {
             match c {
                 MapChange::Added(p) => {
                     tracing::info!(peer = %p.node_id, name = %p.name, "peer joined");
                     self.links.insert(p.node_id.clone(), LinkState::new());
+                    self.mesh_upsert(&p).await;
                     dirty = true;
                 }
                 MapChange::Removed(id) => {
                     tracing::info!(peer = %id, "peer left");
                     self.links.remove(&id);
+                    if let Ok(peer) = id.parse() {
+                        let _ = self.mesh.send(MeshCommand::Remove { peer }).await;
+                    }
                     dirty = true;
                 }
                 MapChange::Updated(p) => {
                     tracing::debug!(peer = %p.node_id, online = p.online, "peer updated");
+                    self.mesh_upsert(&p).await;
                 }
                 MapChange::SelfUpdated(me) => {
                     self.membership.name = me.name.clone();
                 }
                 MapChange::RelaysChanged => {
-                    tracing::debug!(relays = self.map.relays.len(), "relays changed");
+                    tracing::info!(relays = self.map.relays.len(), "relay directory");
+                    let list = self
+                        .map
+                        .relays
+                        .iter()
+                        .filter_map(|r| {
+                            Some(RelayEntry {
+                                id: r.relay_id.parse().ok()?,
+                                addrs: r.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                                load: r.circuits,
+                            })
+                        })
+                        .collect();
+                    let _ = self.mesh.send(MeshCommand::Relays(list)).await;
                 }
+            }
+        }
+        // Peers that a full map dropped silently leave the mesh too.
+        let gone: Vec<String> = self
+            .links
+            .keys()
+            .filter(|id| !self.map.peers.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Ok(peer) = id.parse() {
+                let _ = self.mesh.send(MeshCommand::Remove { peer }).await;
             }
         }
         // Links of peers that a full map dropped silently are dropped too.
         let before = self.links.len();
         self.links.retain(|id, _| self.map.peers.contains_key(id));
         dirty || before != self.links.len()
+    }
+
+    async fn mesh_upsert(&self, p: &Peer) {
+        if let Ok(peer) = p.node_id.parse() {
+            let _ = self
+                .mesh
+                .send(MeshCommand::Upsert {
+                    peer,
+                    addresses: p.addresses.clone(),
+                })
+                .await;
+        }
     }
 
     async fn report_links(&mut self) -> Result<(), tonic::Status> {

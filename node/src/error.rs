@@ -23,6 +23,8 @@ pub enum NodeError {
     Revoked(String),
     #[error("another meshnode is already running with state {0}")]
     AlreadyRunning(PathBuf),
+    #[error("libp2p: {0}")]
+    Swarm(String),
     #[error("status socket: {0}")]
     Status(String),
 }

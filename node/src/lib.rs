@@ -9,9 +9,16 @@
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod hole_punch;
+pub mod link;
+pub mod mesh;
 pub mod netmap;
+pub mod netsim;
+pub mod path_switch;
+pub mod relay;
 pub mod state_dir;
 pub mod status;
+pub mod swarm;
 
 pub use daemon::{Node, NodeConfig};
 pub use error::NodeError;

@@ -1,10 +1,14 @@
 //! `meshnode`: run a peermesh node, or ask a running one for its status.
 
-use std::path::PathBuf;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use peermesh_node::relay::RelayConfig;
 use peermesh_node::status::{self, NodeStatus};
 use peermesh_node::{Node, NodeConfig, NodeError};
 
@@ -34,6 +38,65 @@ enum Command {
         /// An address (multiaddr) to publish for this node; repeatable.
         #[arg(long)]
         advertise: Vec<String>,
+        /// UDP address of the mesh endpoint (QUIC).
+        #[arg(long, default_value = "0.0.0.0:0")]
+        listen: SocketAddr,
+    },
+    /// Run a relay server that registers in the control server's directory.
+    Relay {
+        /// UDP address to listen on (QUIC); also advertised unless --external.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Public address to advertise (multiaddr); repeatable.
+        #[arg(long)]
+        external: Vec<String>,
+        #[arg(long)]
+        control: String,
+        /// A relay token (`control-server admin create-token --relay`).
+        #[arg(long, env = "PEERMESH_RELAY_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Directory for the relay's identity key.
+        #[arg(long, default_value = "./relay-state")]
+        state: PathBuf,
+        #[arg(long, default_value = "")]
+        region: String,
+        /// Circuits one node may hold open at once.
+        #[arg(long, default_value_t = 64)]
+        max_circuits_per_node: usize,
+    },
+    /// Send messages to a peer (id or name): the arguments, or `--count N`
+    /// numbered messages, or lines from stdin with `-`.
+    Send {
+        #[arg(long)]
+        state: PathBuf,
+        peer: String,
+        messages: Vec<String>,
+        /// Send N numbered messages `PREFIX-0` … `PREFIX-(N-1)`.
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long, default_value = "msg")]
+        prefix: String,
+    },
+    /// Print messages from peers as they arrive.
+    Recv {
+        #[arg(long)]
+        state: PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Show a peer's RTT and the path in use, once a second.
+    Ping {
+        #[arg(long)]
+        state: PathBuf,
+        peer: String,
+        #[arg(long, short = 'c', default_value_t = 5)]
+        count: u32,
+        #[arg(long)]
+        json: bool,
     },
     /// Show the running node's identity and peers.
     Status {
@@ -55,6 +118,7 @@ async fn main() -> ExitCode {
             state,
             name,
             advertise,
+            listen,
         } => {
             init_tracing();
             let mut config = NodeConfig::new(state);
@@ -62,9 +126,53 @@ async fn main() -> ExitCode {
             config.token = token;
             config.name = name;
             config.advertise = advertise;
+            config.listen = listen;
             up(config).await
         }
+        Command::Relay {
+            listen,
+            external,
+            control,
+            token,
+            state,
+            region,
+            max_circuits_per_node,
+        } => {
+            init_tracing();
+            let external = match external.iter().map(|a| a.parse()).collect() {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("meshnode: --external: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            relay_cmd(RelayConfig {
+                listen,
+                external,
+                control_url: control,
+                token,
+                region,
+                state_dir: state,
+                max_circuits_per_peer: max_circuits_per_node,
+                max_reservations_per_peer: 4,
+            })
+            .await
+        }
         Command::Status { state, json } => status_cmd(state, json).await,
+        Command::Send {
+            state,
+            peer,
+            messages,
+            count,
+            prefix,
+        } => send_cmd(state, peer, messages, count, prefix).await,
+        Command::Recv { state, json, count } => recv_cmd(state, json, count).await,
+        Command::Ping {
+            state,
+            peer,
+            count,
+            json,
+        } => ping_cmd(state, peer, count, json).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -98,20 +206,107 @@ async fn up(config: NodeConfig) -> Result<()> {
         "meshnode {} ({}) is up in group {}; `meshnode status --state …` shows its peers",
         m.name, m.node_id, m.group
     );
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+    node.run(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn relay_cmd(config: RelayConfig) -> Result<()> {
+    peermesh_node::relay::run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn socket(state: &Path) -> PathBuf {
+    state.join("meshnode.sock")
+}
+
+/// Messages go to the node in batches: one socket round trip per batch.
+const SEND_BATCH: usize = 256;
+
+async fn send_cmd(
+    state: PathBuf,
+    peer: String,
+    messages: Vec<String>,
+    count: Option<u64>,
+    prefix: String,
+) -> Result<()> {
+    let mut client = status::Client::connect(&socket(&state)).await?;
+    let mut total = 0usize;
+    let mut all: Box<dyn Iterator<Item = String>> = match count {
+        Some(n) => Box::new((0..n).map(move |i| format!("{prefix}-{i}"))),
+        None if messages == ["-"] => Box::new(
+            std::io::stdin()
+                .lock()
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+                .into_iter(),
+        ),
+        None => Box::new(messages.into_iter()),
     };
-    node.run(listener, shutdown).await?;
+    loop {
+        let batch: Vec<String> = all.by_ref().take(SEND_BATCH).collect();
+        if batch.is_empty() {
+            break;
+        }
+        total += client.send(&peer, batch).await.context("send")?;
+    }
+    eprintln!("sent {total} message(s)");
+    Ok(())
+}
+
+async fn recv_cmd(state: PathBuf, json: bool, count: Option<u64>) -> Result<()> {
+    let mut client = status::Client::connect(&socket(&state)).await?;
+    client.subscribe().await.context("recv")?;
+    let mut n = 0u64;
+    while count.is_none_or(|c| n < c) {
+        let m = client.next_message().await?;
+        if json {
+            println!("{}", serde_json::to_string(&m)?);
+        } else {
+            let who = if m.name.is_empty() { &m.peer } else { &m.name };
+            println!("{who}: {}", m.data);
+        }
+        n += 1;
+    }
+    Ok(())
+}
+
+async fn ping_cmd(state: PathBuf, peer: String, count: u32, json: bool) -> Result<()> {
+    let mut client = status::Client::connect(&socket(&state)).await?;
+    for i in 0..count {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let s = client.status().await?;
+        let p = s
+            .peers
+            .iter()
+            .find(|p| p.id == peer || p.name == peer)
+            .with_context(|| format!("no peer {peer:?} in this group"))?;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"peer": p.id, "name": p.name, "path": p.path, "rtt_ms": p.rtt_ms})
+            );
+        } else {
+            let rtt = p.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms"));
+            println!("{} via {}: rtt {rtt}", p.name, p.path.as_str());
+        }
+    }
     Ok(())
 }
 
 async fn status_cmd(state: PathBuf, json: bool) -> Result<()> {
-    let s = status::query(&state.join("meshnode.sock"))
+    let s = status::query(&socket(&state))
         .await
         .context("meshnode status")?;
     if json {

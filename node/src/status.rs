@@ -6,11 +6,16 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
+
+use bytes::Bytes;
+use libp2p::PeerId;
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 use crate::error::{NodeError, Result};
+use crate::mesh::MeshCommand;
 
 /// How a peer is reached. The spellings are part of the CLI's JSON contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,22 +82,53 @@ pub struct NodeStatus {
     pub peers: Vec<PeerStatus>,
 }
 
+/// A request on the local socket.
 #[derive(Serialize, Deserialize)]
-struct StatusRequest {
-    op: String,
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    Status,
+    /// Queue messages for a peer (by id or name), in order.
+    Send {
+        peer: String,
+        messages: Vec<String>,
+    },
+    /// Stream every message from peers, one JSON line each, until the
+    /// client goes away.
+    Recv,
 }
 
 #[derive(Serialize, Deserialize)]
-struct StatusAnswer {
+struct Answer {
     ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<NodeStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    sent: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
-/// Longest request line accepted on the socket.
-const MAX_REQUEST: usize = 4096;
+impl Answer {
+    fn err(e: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            status: None,
+            sent: None,
+            error: Some(e.into()),
+        }
+    }
+}
+
+/// A message received from a peer, as `meshnode recv` prints it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Received {
+    pub peer: String,
+    pub name: String,
+    pub data: String,
+}
+
+/// Longest request line accepted on the socket (a batch of messages).
+const MAX_REQUEST: usize = 4 << 20;
 
 /// Binds the status socket, refusing if a live node already holds it.
 pub async fn bind(path: &Path) -> Result<UnixListener> {
@@ -108,68 +144,240 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
     UnixListener::bind(path).map_err(NodeError::state(path))
 }
 
-/// Answers status requests from the latest published view until dropped.
-pub async fn serve(listener: UnixListener, view: watch::Receiver<NodeStatus>) {
+/// What the socket's handlers reach into.
+#[derive(Clone)]
+pub struct Ctx {
+    pub view: watch::Receiver<NodeStatus>,
+    pub mesh: mpsc::Sender<MeshCommand>,
+    pub inbox: Arc<Mutex<mpsc::Receiver<(PeerId, Bytes)>>>,
+}
+
+/// Answers requests until dropped.
+pub async fn serve(listener: UnixListener, ctx: Ctx) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let view = view.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, view).await {
+            if let Err(e) = answer(stream, ctx).await {
                 tracing::debug!(error = %e, "status client");
             }
         });
     }
 }
 
-async fn answer(stream: UnixStream, view: watch::Receiver<NodeStatus>) -> std::io::Result<()> {
-    let (r, mut w) = stream.into_split();
-    let mut line = String::new();
-    let n = BufReader::new(r.take(MAX_REQUEST as u64))
-        .read_line(&mut line)
-        .await?;
-    let answer = match serde_json::from_str::<StatusRequest>(&line[..n]) {
-        Ok(req) if req.op == "status" => StatusAnswer {
-            ok: true,
-            status: Some(view.borrow().clone()),
-            error: None,
-        },
-        Ok(req) => StatusAnswer {
-            ok: false,
-            status: None,
-            error: Some(format!("unknown op {:?}", req.op)),
-        },
-        Err(e) => StatusAnswer {
-            ok: false,
-            status: None,
-            error: Some(format!("malformed request: {e}")),
-        },
-    };
-    let mut out = serde_json::to_vec(&answer).expect("answers serialize");
+fn resolve(view: &NodeStatus, peer: &str) -> Option<PeerId> {
+    view.peers
+        .iter()
+        .find(|p| p.id == peer || p.name == peer)
+        .and_then(|p| p.id.parse().ok())
+}
+
+async fn write_line<T: Serialize>(
+    w: &mut (impl AsyncWriteExt + Unpin),
+    v: &T,
+) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(v).expect("answers serialize");
     out.push(b'\n');
     w.write_all(&out).await
 }
 
-/// Asks the node running on `state_dir` for its status.
-pub async fn query(socket: &Path) -> Result<NodeStatus> {
-    let err = |e: std::io::Error| {
-        NodeError::Status(format!(
-            "cannot reach the node at {} ({e}); is `meshnode up` running with this --state?",
-            socket.display()
-        ))
-    };
-    let stream = UnixStream::connect(socket).await.map_err(err)?;
+async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
-    w.write_all(b"{\"op\":\"status\"}\n").await.map_err(err)?;
+    let mut reader = BufReader::new(r.take(MAX_REQUEST as u64));
     let mut line = String::new();
-    BufReader::new(r).read_line(&mut line).await.map_err(err)?;
-    let answer: StatusAnswer = serde_json::from_str(&line)
-        .map_err(|e| NodeError::Status(format!("malformed answer from the node: {e}")))?;
-    match (answer.ok, answer.status) {
-        (true, Some(s)) => Ok(s),
-        _ => Err(NodeError::Status(
-            answer.error.unwrap_or_else(|| "no status in answer".into()),
-        )),
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let req = match serde_json::from_str::<Request>(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                write_line(&mut w, &Answer::err(format!("malformed request: {e}"))).await?;
+                continue;
+            }
+        };
+        match req {
+            Request::Status => {
+                let status = ctx.view.borrow().clone();
+                write_line(
+                    &mut w,
+                    &Answer {
+                        ok: true,
+                        status: Some(status),
+                        sent: None,
+                        error: None,
+                    },
+                )
+                .await?;
+            }
+            Request::Send { peer, messages } => {
+                let Some(id) = resolve(&ctx.view.borrow(), &peer) else {
+                    write_line(
+                        &mut w,
+                        &Answer::err(format!("no peer {peer:?} in this group")),
+                    )
+                    .await?;
+                    continue;
+                };
+                let (reply, rx) = oneshot::channel();
+                let link = match ctx
+                    .mesh
+                    .send(MeshCommand::LinkSender { peer: id, reply })
+                    .await
+                {
+                    Ok(()) => rx.await.ok().flatten(),
+                    Err(_) => None,
+                };
+                let Some(link) = link else {
+                    write_line(&mut w, &Answer::err(format!("no link to {peer:?}"))).await?;
+                    continue;
+                };
+                let mut sent = 0;
+                let mut error = None;
+                for m in messages {
+                    // Waits while the link's queue is full: backpressure
+                    // reaches this client and no one else.
+                    if link.send(Bytes::from(m.into_bytes())).await.is_err() {
+                        error = Some("the link to this peer stopped".to_string());
+                        break;
+                    }
+                    sent += 1;
+                }
+                write_line(
+                    &mut w,
+                    &Answer {
+                        ok: error.is_none(),
+                        status: None,
+                        sent: Some(sent),
+                        error,
+                    },
+                )
+                .await?;
+            }
+            Request::Recv => {
+                let Ok(mut inbox) = ctx.inbox.try_lock() else {
+                    write_line(&mut w, &Answer::err("another `recv` is attached")).await?;
+                    continue;
+                };
+                write_line(
+                    &mut w,
+                    &Answer {
+                        ok: true,
+                        status: None,
+                        sent: None,
+                        error: None,
+                    },
+                )
+                .await?;
+                while let Some((peer, data)) = inbox.recv().await {
+                    let id = peer.to_string();
+                    let name = ctx
+                        .view
+                        .borrow()
+                        .peers
+                        .iter()
+                        .find(|p| p.id == id)
+                        .map(|p| p.name.clone())
+                        .unwrap_or_default();
+                    let msg = Received {
+                        peer: id,
+                        name,
+                        data: String::from_utf8_lossy(&data).into_owned(),
+                    };
+                    // A client that went away loses nothing already taken:
+                    // it was written or the write failed before the next recv.
+                    write_line(&mut w, &msg).await?;
+                }
+                return Ok(());
+            }
+        }
     }
+}
+
+/// A connection to a running node's socket.
+pub struct Client {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+    socket: std::path::PathBuf,
+}
+
+impl Client {
+    pub async fn connect(socket: &Path) -> Result<Self> {
+        let stream = UnixStream::connect(socket).await.map_err(|e| {
+            NodeError::Status(format!(
+                "cannot reach the node at {} ({e}); is `meshnode up` running with this --state?",
+                socket.display()
+            ))
+        })?;
+        let (r, w) = stream.into_split();
+        Ok(Self {
+            reader: BufReader::new(r),
+            writer: w,
+            socket: socket.to_path_buf(),
+        })
+    }
+
+    fn io(&self, e: std::io::Error) -> NodeError {
+        NodeError::Status(format!("node socket {}: {e}", self.socket.display()))
+    }
+
+    async fn line<T: serde::de::DeserializeOwned>(&mut self) -> Result<T> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .await
+            .map_err(|e| self.io(e))?;
+        if n == 0 {
+            return Err(NodeError::Status("the node closed the connection".into()));
+        }
+        serde_json::from_str(&line)
+            .map_err(|e| NodeError::Status(format!("malformed answer from the node: {e}")))
+    }
+
+    async fn call(&mut self, req: &Request) -> Result<Answer> {
+        write_line(&mut self.writer, req)
+            .await
+            .map_err(|e| self.io(e))?;
+        let a: Answer = self.line().await?;
+        match &a.error {
+            Some(e) if !a.ok => Err(NodeError::Status(e.clone())),
+            _ => Ok(a),
+        }
+    }
+
+    pub async fn status(&mut self) -> Result<NodeStatus> {
+        self.call(&Request::Status)
+            .await?
+            .status
+            .ok_or_else(|| NodeError::Status("no status in answer".into()))
+    }
+
+    /// Queues `messages` for `peer` (id or name); returns how many were taken.
+    pub async fn send(&mut self, peer: &str, messages: Vec<String>) -> Result<usize> {
+        let a = self
+            .call(&Request::Send {
+                peer: peer.to_string(),
+                messages,
+            })
+            .await?;
+        Ok(a.sent.unwrap_or(0))
+    }
+
+    /// Turns this connection into a stream of received messages.
+    pub async fn subscribe(&mut self) -> Result<()> {
+        self.call(&Request::Recv).await.map(drop)
+    }
+
+    pub async fn next_message(&mut self) -> Result<Received> {
+        self.line().await
+    }
+}
+
+/// Asks the node behind `socket` for its status.
+pub async fn query(socket: &Path) -> Result<NodeStatus> {
+    Client::connect(socket).await?.status().await
 }

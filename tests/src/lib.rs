@@ -5,6 +5,8 @@
 //! directory; when a test fails (the harness is dropped while panicking) the
 //! tail of every log is printed, and every process is killed.
 
+pub mod netlab;
+
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -210,12 +212,37 @@ impl ControlServer {
         self.admin(&["create-group", name]).map(drop)
     }
 
+    /// A relay token.
+    pub fn relay_token(&self) -> Result<String> {
+        Ok(self.admin(&["create-token", "--relay"])?.trim().to_string())
+    }
+
     /// A join token for `group`, good for one node.
     pub fn token(&self, group: &str) -> Result<String> {
         Ok(self
             .admin(&["create-token", "--group", group, "--uses", "1"])?
             .trim()
             .to_string())
+    }
+}
+
+/// A running `meshnode relay`.
+pub struct Relay {
+    proc: Option<Proc>,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Relay {
+    /// SIGKILL the relay.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -258,6 +285,60 @@ impl Node {
             .collect();
         names.sort();
         Some(names)
+    }
+
+    /// The path of the link to the peer named `name`, if listed.
+    pub fn path_to(&self, name: &str) -> Option<String> {
+        let s = self.status()?;
+        s["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["path"].as_str().map(String::from))
+    }
+
+    /// Runs a `meshnode` subcommand against this node's state and returns
+    /// its stdout; fails on a non-zero exit.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let mut child = Command::new(&Bins::get().meshnode)
+            .arg(args[0])
+            .arg("--state")
+            .arg(&self.state)
+            .args(&args[1..])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // A command that hangs fails the test instead of stalling it.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("meshnode {args:?} did not finish within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "meshnode {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Starts `meshnode recv --json` on this node, its output in a file.
+    pub fn recv(&self, out: &Path) -> Result<std::process::Child> {
+        let f = std::fs::File::create(out)?;
+        Ok(Command::new(&Bins::get().meshnode)
+            .arg("recv")
+            .arg("--state")
+            .arg(&self.state)
+            .arg("--json")
+            .stdout(f)
+            .stderr(Stdio::null())
+            .spawn()?)
     }
 
     /// Waits until the node's peers are exactly `names`.
@@ -355,6 +436,41 @@ impl Lab {
         })
     }
 
+    /// Starts `meshnode relay` on a free loopback UDP port and waits until it
+    /// is registered with the control server.
+    pub fn relay(&mut self, name: &str) -> Result<Relay> {
+        let token = self.server.relay_token()?;
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let log = self.dir.path().join(format!("relay-{name}.log"));
+        let mut cmd = Command::new(&Bins::get().meshnode);
+        cmd.arg("relay")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--control")
+            .arg(self.server.url())
+            .arg("--token")
+            .arg(&token)
+            .arg("--state")
+            .arg(self.dir.path().join(format!("relay-{name}")));
+        let proc = Proc::spawn(name, cmd, log.clone())?;
+        self.logs.push((format!("relay {name}"), log.clone()));
+        let l = log.clone();
+        wait_for(Duration::from_secs(20), "the relay to register", || {
+            std::fs::read_to_string(&l)
+                .ok()?
+                .contains("registered with the control server")
+                .then_some(())
+        })?;
+        Ok(Relay {
+            proc: Some(proc),
+            addr,
+            log,
+        })
+    }
+
     /// Prints the last lines of every log (for failing tests).
     pub fn dump_logs(&self) {
         for (name, path) in &self.logs {
@@ -377,6 +493,23 @@ impl Drop for Lab {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.dump_logs();
+            // Whole logs survive the temporary directory, for a post-mortem.
+            let keep = std::env::temp_dir().join(format!(
+                "peermesh-failed-{}",
+                self.dir
+                    .path()
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+            ));
+            if std::fs::create_dir_all(&keep).is_ok() {
+                for (_, path) in &self.logs {
+                    if let Some(name) = path.file_name() {
+                        let _ = std::fs::copy(path, keep.join(name));
+                    }
+                }
+                eprintln!("logs kept in {}", keep.display());
+            }
         }
     }
 }

@@ -28,7 +28,7 @@ fn nodes_join_see_each_other_survive_revocation_and_server_kill() -> Result<()> 
     b.wait_peers(&["alpha", "charlie"], PROPAGATION)?;
     c.wait_peers(&["alpha", "bravo"], PROPAGATION)?;
 
-    // Peers are known but not yet connected; addresses propagate.
+    // Without a relay in the directory peers are known but not connected.
     let st = b.status().expect("status");
     let alpha = st["peers"]
         .as_array()
@@ -39,7 +39,15 @@ fn nodes_join_see_each_other_survive_revocation_and_server_kill() -> Result<()> 
         .clone();
     assert_eq!(alpha["path"], "connecting");
     assert!(alpha["rtt_ms"].is_null());
-    assert_eq!(alpha["addresses"][0], "/ip4/127.0.0.1/udp/41000/quic-v1");
+    // Advertised addresses propagate (beside the mesh's own endpoints).
+    assert!(
+        alpha["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "/ip4/127.0.0.1/udp/41000/quic-v1"),
+        "{alpha:#}"
+    );
     assert!(st["id"].as_str().unwrap().starts_with("12D3Koo"));
 
     // A fourth joins; the three see it without restarting.

@@ -5,7 +5,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use libp2p_identity::Keypair;
+use libp2p::identity::Keypair;
 use peermesh_proto::api::{
     node_control_client::NodeControlClient, AuthenticateRequest, AuthenticateResponse, JoinRequest,
     JoinResponse, LeaveRequest, LinkReport, NetworkMapUpdate, ReportLinksRequest,
@@ -16,6 +16,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status, Streaming};
 
 use crate::error::{NodeError, Result};
+
+pub mod relay;
 
 #[derive(Default)]
 struct Session {
@@ -33,7 +35,7 @@ pub struct ControlClient {
     url: String,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -1,0 +1,434 @@
+//! One isolated worker per peer link (seed 004): it owns the link's
+//! [`PathSwitch`], one stream per libp2p connection to the peer (relayed or
+//! direct), and bounded queues, so a failing or flooding peer stalls only its
+//! own worker.
+//!
+//! Each stream is a path. Frames are length-prefixed on the stream; the path
+//! switch numbers, acknowledges and, on a path change, resends messages, so
+//! the application sees one exactly-once, in-order stream.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::swarm::{ConnectionId, Stream};
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::mpsc;
+
+use crate::path_switch::{self, PathId, PathSwitch};
+use crate::status::PathKind;
+use crate::swarm::Command as SwarmCommand;
+
+/// Largest frame accepted on a stream (a full message plus headers).
+const MAX_FRAME: usize = path_switch::MAX_PAYLOAD + 64;
+/// Frames queued towards one path's writer.
+const WRITER_QUEUE: usize = 256;
+/// A path whose writer cannot take a frame for this long is declared dead.
+const WRITE_STALL: Duration = Duration::from_secs(3);
+/// Application messages held beyond the path switch's own window.
+const PENDING_LIMIT: usize = 1024;
+/// How often a link with no path asks the swarm to dial again.
+const REDIAL: Duration = Duration::from_millis(500);
+
+#[derive(Debug)]
+pub enum LinkInput {
+    /// Addresses to reach the peer at (relay circuit first).
+    Addresses(Vec<Multiaddr>),
+    Connected {
+        connection: ConnectionId,
+        relayed: bool,
+    },
+    Disconnected {
+        connection: ConnectionId,
+    },
+    Stream {
+        connection: ConnectionId,
+        stream: Stream,
+    },
+    Rtt {
+        connection: ConnectionId,
+        rtt: Duration,
+    },
+    /// From a path's reader task.
+    Frame {
+        path: PathId,
+        frame: Vec<u8>,
+    },
+    PathClosed {
+        path: PathId,
+        reason: String,
+    },
+}
+
+/// What a link reports to the node (status, control server).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinkStatus {
+    pub path: PathKind,
+    pub rtt_ms: Option<f64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub malformed: u64,
+}
+
+impl Default for LinkStatus {
+    fn default() -> Self {
+        Self {
+            path: PathKind::Connecting,
+            rtt_ms: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            malformed: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum LinkOutput {
+    Message(PeerId, Bytes),
+    Status(PeerId, LinkStatus),
+}
+
+pub struct LinkHandle {
+    pub input: mpsc::Sender<LinkInput>,
+    pub send: mpsc::Sender<Bytes>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LinkHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct PathEntry {
+    connection: ConnectionId,
+    kind: path_switch::PathKind,
+    writer: mpsc::Sender<Bytes>,
+}
+
+struct Worker {
+    me: PeerId,
+    peer: PeerId,
+    switch: PathSwitch,
+    swarm: mpsc::Sender<SwarmCommand>,
+    out: mpsc::Sender<LinkOutput>,
+    inputs_tx: mpsc::Sender<LinkInput>,
+    addresses: Vec<Multiaddr>,
+    connections: HashMap<ConnectionId, bool>,
+    paths: HashMap<PathId, PathEntry>,
+    rtts: HashMap<ConnectionId, Duration>,
+    next_path: u32,
+    pending: VecDeque<Bytes>,
+    status: LinkStatus,
+    last_status_sent: Option<(LinkStatus, Instant)>,
+    last_dial: Option<Instant>,
+}
+
+pub fn spawn(
+    me: PeerId,
+    peer: PeerId,
+    swarm: mpsc::Sender<SwarmCommand>,
+    out: mpsc::Sender<LinkOutput>,
+) -> LinkHandle {
+    let (input_tx, input_rx) = mpsc::channel(1024);
+    let (send_tx, send_rx) = mpsc::channel(256);
+    let worker = Worker {
+        me,
+        peer,
+        switch: PathSwitch::new(path_switch::Config::default()),
+        swarm,
+        out,
+        inputs_tx: input_tx.clone(),
+        addresses: Vec::new(),
+        connections: HashMap::new(),
+        paths: HashMap::new(),
+        rtts: HashMap::new(),
+        next_path: 0,
+        pending: VecDeque::new(),
+        status: LinkStatus::default(),
+        last_status_sent: None,
+        last_dial: None,
+    };
+    let task = tokio::spawn(worker.run(input_rx, send_rx));
+    LinkHandle {
+        input: input_tx,
+        send: send_tx,
+        task,
+    }
+}
+
+fn kind_of(relayed: bool) -> path_switch::PathKind {
+    if relayed {
+        path_switch::PathKind::Relay
+    } else {
+        path_switch::PathKind::Direct
+    }
+}
+
+impl Worker {
+    /// The side with the smaller id dials and opens streams, so two nodes
+    /// that learn of each other at once build one circuit, not two.
+    fn leads(&self) -> bool {
+        self.me.to_bytes() < self.peer.to_bytes()
+    }
+
+    async fn run(mut self, mut inputs: mpsc::Receiver<LinkInput>, mut app: mpsc::Receiver<Bytes>) {
+        let mut redial = tokio::time::interval(REDIAL);
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if !self.flush().await {
+                return;
+            }
+            let timeout = self.switch.poll_timeout();
+            let sleep = async {
+                match timeout {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let accept_app = self.pending.len() < PENDING_LIMIT;
+            tokio::select! {
+                input = inputs.recv() => match input {
+                    Some(i) => self.on_input(i).await,
+                    None => return,
+                },
+                msg = app.recv(), if accept_app => match msg {
+                    Some(m) => self.pending.push_back(m),
+                    None => return,
+                },
+                _ = sleep => self.switch.handle_timeout(Instant::now()),
+                _ = redial.tick() => self.maybe_dial().await,
+            }
+        }
+    }
+
+    async fn maybe_dial(&mut self) {
+        if !self.connections.is_empty() || self.addresses.is_empty() {
+            return;
+        }
+        // The follower dials too when the leader has not for a while.
+        let patience = if self.leads() {
+            Duration::ZERO
+        } else {
+            REDIAL * 4
+        };
+        let now = Instant::now();
+        let first = *self.last_dial.get_or_insert(now);
+        if now.duration_since(first) < patience {
+            return;
+        }
+        let _ = self
+            .swarm
+            .send(SwarmCommand::Connect {
+                peer: self.peer,
+                addrs: self.addresses.clone(),
+            })
+            .await;
+    }
+
+    async fn on_input(&mut self, input: LinkInput) {
+        let now = Instant::now();
+        match input {
+            LinkInput::Addresses(a) => {
+                let first = self.addresses.is_empty();
+                self.addresses = a;
+                if first {
+                    self.maybe_dial().await;
+                }
+            }
+            LinkInput::Connected {
+                connection,
+                relayed,
+            } => {
+                tracing::debug!(peer = %self.peer, ?connection, relayed, "connection up");
+                self.connections.insert(connection, relayed);
+                if self.leads() {
+                    let _ = self
+                        .swarm
+                        .send(SwarmCommand::OpenStream {
+                            peer: self.peer,
+                            connection,
+                        })
+                        .await;
+                }
+            }
+            LinkInput::Disconnected { connection } => {
+                self.connections.remove(&connection);
+                self.rtts.remove(&connection);
+                let dead: Vec<PathId> = self
+                    .paths
+                    .iter()
+                    .filter(|(_, p)| p.connection == connection)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in dead {
+                    self.close_path(id, "connection closed", now);
+                }
+            }
+            LinkInput::Stream { connection, stream } => {
+                let relayed = self.connections.get(&connection).copied().unwrap_or(false);
+                self.add_path(connection, relayed, stream, now);
+            }
+            LinkInput::Rtt { connection, rtt } => {
+                self.rtts.insert(connection, rtt);
+            }
+            LinkInput::Frame { path, frame } => {
+                self.status.bytes_in += frame.len() as u64;
+                if let Err(e) = self.switch.on_frame(path, &frame, now) {
+                    self.status.malformed += 1;
+                    tracing::debug!(peer = %self.peer, error = %e, "malformed frame dropped");
+                }
+            }
+            LinkInput::PathClosed { path, reason } => self.close_path(path, &reason, now),
+        }
+    }
+
+    fn add_path(&mut self, connection: ConnectionId, relayed: bool, stream: Stream, now: Instant) {
+        let id = PathId(self.next_path);
+        self.next_path += 1;
+        let (mut rd, mut wr) = stream.split();
+        let (wtx, mut wrx) = mpsc::channel::<Bytes>(WRITER_QUEUE);
+        let inputs = self.inputs_tx.clone();
+        // Reader: frames in, until the stream ends.
+        tokio::spawn(async move {
+            let reason = loop {
+                let mut len = [0u8; 4];
+                if let Err(e) = rd.read_exact(&mut len).await {
+                    break e.to_string();
+                }
+                let len = u32::from_be_bytes(len) as usize;
+                if len > MAX_FRAME {
+                    break format!("frame of {len} bytes exceeds {MAX_FRAME}");
+                }
+                let mut frame = vec![0u8; len];
+                if let Err(e) = rd.read_exact(&mut frame).await {
+                    break e.to_string();
+                }
+                if inputs
+                    .send(LinkInput::Frame { path: id, frame })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            };
+            let _ = inputs
+                .send(LinkInput::PathClosed { path: id, reason })
+                .await;
+        });
+        // Writer: frames out, in order.
+        tokio::spawn(async move {
+            while let Some(frame) = wrx.recv().await {
+                let len = (frame.len() as u32).to_be_bytes();
+                if wr.write_all(&len).await.is_err() || wr.write_all(&frame).await.is_err() {
+                    break;
+                }
+                if wrx.is_empty() && wr.flush().await.is_err() {
+                    break;
+                }
+            }
+            let _ = wr.close().await;
+        });
+        let kind = kind_of(relayed);
+        tracing::info!(peer = %self.peer, path = ?kind, "path up");
+        self.paths.insert(
+            id,
+            PathEntry {
+                connection,
+                kind,
+                writer: wtx,
+            },
+        );
+        self.switch.path_up(id, kind, true, now);
+    }
+
+    fn close_path(&mut self, id: PathId, reason: &str, now: Instant) {
+        if let Some(p) = self.paths.remove(&id) {
+            tracing::info!(peer = %self.peer, path = ?p.kind, reason, "path down");
+            self.switch.path_down(id, now);
+        }
+    }
+
+    /// Moves messages and frames as far as they go; false when the node is gone.
+    async fn flush(&mut self) -> bool {
+        let now = Instant::now();
+        while let Some(m) = self.pending.front() {
+            match self.switch.send(m.clone()) {
+                Ok(()) => {
+                    self.pending.pop_front();
+                }
+                Err(path_switch::SendError::WindowFull) => break,
+                Err(e) => {
+                    tracing::warn!(peer = %self.peer, error = %e, "message dropped");
+                    self.pending.pop_front();
+                }
+            }
+        }
+        while let Some(t) = self.switch.poll_transmit(now) {
+            let Some(p) = self.paths.get(&t.path) else {
+                continue;
+            };
+            let len = t.frame.len() as u64;
+            let ok = matches!(
+                tokio::time::timeout(WRITE_STALL, p.writer.send(t.frame)).await,
+                Ok(Ok(()))
+            );
+            if ok {
+                self.status.bytes_out += len;
+            } else {
+                self.close_path(t.path, "writer stalled or closed", Instant::now());
+            }
+        }
+        while let Some(ev) = self.switch.poll_event() {
+            if let path_switch::Event::ActivePath(p) = ev {
+                let kind = p.and_then(|id| self.paths.get(&id)).map(|e| e.kind);
+                tracing::info!(peer = %self.peer, path = ?kind, "active path");
+            }
+        }
+        while let Some(m) = self.switch.poll_deliver() {
+            if self
+                .out
+                .send(LinkOutput::Message(self.peer, m))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        self.report_status().await
+    }
+
+    async fn report_status(&mut self) -> bool {
+        let active = self.switch.active_path().and_then(|id| self.paths.get(&id));
+        self.status.path = match active.map(|p| p.kind) {
+            Some(path_switch::PathKind::Direct) => PathKind::Direct,
+            Some(path_switch::PathKind::Relay) => PathKind::Relay,
+            Some(path_switch::PathKind::Forwarded) => PathKind::Forwarded,
+            None => PathKind::Connecting,
+        };
+        self.status.rtt_ms = active
+            .and_then(|p| self.rtts.get(&p.connection))
+            .map(|d| d.as_secs_f64() * 1e3);
+        let now = Instant::now();
+        let due = match &self.last_status_sent {
+            None => true,
+            Some((s, at)) => {
+                s.path != self.status.path
+                    || (now.duration_since(*at) > Duration::from_millis(500) && *s != self.status)
+            }
+        };
+        if due {
+            self.last_status_sent = Some((self.status.clone(), now));
+            if self
+                .out
+                .send(LinkOutput::Status(self.peer, self.status.clone()))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+}
