@@ -88,6 +88,30 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Throughput test: send BYTES to a peer in SIZE-byte messages made by
+    /// the node (run `meshnode sink` on the peer first).
+    Blast {
+        #[arg(long)]
+        state: PathBuf,
+        peer: String,
+        #[arg(long, default_value_t = 256 << 20)]
+        bytes: u64,
+        #[arg(long, default_value_t = 64 << 10)]
+        size: usize,
+    },
+    /// Throughput test, receiving side: discard messages, and exit after
+    /// BYTES with the rate from the first byte to the last.
+    Sink {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        bytes: u64,
+        /// Give up after this many seconds without reaching BYTES.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a peer's RTT and the path in use, once a second.
     Ping {
         #[arg(long)]
@@ -173,6 +197,18 @@ async fn main() -> ExitCode {
             count,
             json,
         } => ping_cmd(state, peer, count, json).await,
+        Command::Blast {
+            state,
+            peer,
+            bytes,
+            size,
+        } => blast_cmd(state, peer, bytes, size).await,
+        Command::Sink {
+            state,
+            bytes,
+            timeout,
+            json,
+        } => sink_cmd(state, bytes, timeout, json).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -278,6 +314,50 @@ async fn recv_cmd(state: PathBuf, json: bool, count: Option<u64>) -> Result<()> 
         n += 1;
     }
     Ok(())
+}
+
+async fn blast_cmd(state: PathBuf, peer: String, bytes: u64, size: usize) -> Result<()> {
+    let mut client = status::Client::connect(&socket(&state)).await?;
+    let start = std::time::Instant::now();
+    let n = client.blast(&peer, bytes, size).await.context("blast")?;
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "queued {n} message(s), {:.1} MiB in {secs:.2} s ({:.1} MiB/s into the link)",
+        bytes as f64 / 1048576.0,
+        bytes as f64 / 1048576.0 / secs
+    );
+    Ok(())
+}
+
+async fn sink_cmd(state: PathBuf, bytes: u64, timeout: u64, json: bool) -> Result<()> {
+    let mut client = status::Client::connect(&socket(&state)).await?;
+    client.sink().await.context("sink")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    loop {
+        let p = tokio::time::timeout_at(deadline, client.next_progress())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("sink: {timeout} s passed before {bytes} bytes arrived")
+            })??;
+        if p.bytes >= bytes {
+            let secs = (p.elapsed_ms / 1e3).max(1e-9);
+            let mbit = p.bytes as f64 * 8.0 / secs / 1e6;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"bytes": p.bytes, "messages": p.messages,
+                                       "seconds": secs, "mbit_per_s": mbit})
+                );
+            } else {
+                println!(
+                    "received {:.1} MiB in {} messages over {secs:.3} s: {mbit:.0} Mbit/s",
+                    p.bytes as f64 / 1048576.0,
+                    p.messages
+                );
+            }
+            return Ok(());
+        }
+    }
 }
 
 async fn ping_cmd(state: PathBuf, peer: String, count: u32, json: bool) -> Result<()> {

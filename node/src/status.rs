@@ -95,7 +95,29 @@ pub enum Request {
     /// Stream every message from peers, one JSON line each, until the
     /// client goes away.
     Recv,
+    /// Throughput test, sending side: `bytes` in messages of `size` bytes,
+    /// generated inside the node.
+    Blast {
+        peer: String,
+        bytes: u64,
+        size: usize,
+    },
+    /// Throughput test, receiving side: take the inbox, discard messages and
+    /// report the running totals every 100 ms.
+    Sink,
 }
+
+/// Running totals of a `sink`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SinkProgress {
+    pub messages: u64,
+    pub bytes: u64,
+    /// Milliseconds from the first byte to the last one counted.
+    pub elapsed_ms: f64,
+}
+
+/// Largest message a blast may use (the path switch's own limit).
+pub const MAX_BLAST_MESSAGE: usize = 1 << 20;
 
 #[derive(Serialize, Deserialize)]
 struct Answer {
@@ -167,6 +189,16 @@ pub async fn serve(listener: UnixListener, ctx: Ctx) {
     }
 }
 
+/// The sending side of the link to `peer`, from the mesh.
+async fn link_sender(ctx: &Ctx, peer: PeerId) -> Option<mpsc::Sender<Bytes>> {
+    let (reply, rx) = oneshot::channel();
+    ctx.mesh
+        .send(MeshCommand::LinkSender { peer, reply })
+        .await
+        .ok()?;
+    rx.await.ok().flatten()
+}
+
 fn resolve(view: &NodeStatus, peer: &str) -> Option<PeerId> {
     view.peers
         .iter()
@@ -222,16 +254,7 @@ async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
                     .await?;
                     continue;
                 };
-                let (reply, rx) = oneshot::channel();
-                let link = match ctx
-                    .mesh
-                    .send(MeshCommand::LinkSender { peer: id, reply })
-                    .await
-                {
-                    Ok(()) => rx.await.ok().flatten(),
-                    Err(_) => None,
-                };
-                let Some(link) = link else {
+                let Some(link) = link_sender(&ctx, id).await else {
                     write_line(&mut w, &Answer::err(format!("no link to {peer:?}"))).await?;
                     continue;
                 };
@@ -256,6 +279,82 @@ async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
                     },
                 )
                 .await?;
+            }
+            Request::Blast { peer, bytes, size } => {
+                if size == 0 || size > MAX_BLAST_MESSAGE {
+                    write_line(
+                        &mut w,
+                        &Answer::err(format!("size must be 1..={MAX_BLAST_MESSAGE}")),
+                    )
+                    .await?;
+                    continue;
+                }
+                let id = resolve(&ctx.view.borrow(), &peer);
+                let link = match id {
+                    Some(id) => link_sender(&ctx, id).await,
+                    None => None,
+                };
+                let Some(link) = link else {
+                    write_line(&mut w, &Answer::err(format!("no link to {peer:?}"))).await?;
+                    continue;
+                };
+                let payload = Bytes::from(vec![0xa5u8; size]);
+                let mut left = bytes;
+                let mut sent = 0;
+                while left > 0 {
+                    let n = left.min(size as u64) as usize;
+                    if link.send(payload.slice(..n)).await.is_err() {
+                        break;
+                    }
+                    left -= n as u64;
+                    sent += 1;
+                }
+                write_line(
+                    &mut w,
+                    &Answer {
+                        ok: left == 0,
+                        status: None,
+                        sent: Some(sent),
+                        error: (left > 0).then(|| "the link to this peer stopped".into()),
+                    },
+                )
+                .await?;
+            }
+            Request::Sink => {
+                let Ok(mut inbox) = ctx.inbox.try_lock() else {
+                    write_line(&mut w, &Answer::err("another `recv` is attached")).await?;
+                    continue;
+                };
+                write_line(
+                    &mut w,
+                    &Answer {
+                        ok: true,
+                        status: None,
+                        sent: None,
+                        error: None,
+                    },
+                )
+                .await?;
+                let mut totals = SinkProgress {
+                    messages: 0,
+                    bytes: 0,
+                    elapsed_ms: 0.0,
+                };
+                let mut first: Option<std::time::Instant> = None;
+                let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+                loop {
+                    tokio::select! {
+                        m = inbox.recv() => {
+                            let Some((_, data)) = m else { return Ok(()) };
+                            let now = std::time::Instant::now();
+                            let start = *first.get_or_insert(now);
+                            totals.messages += 1;
+                            totals.bytes += data.len() as u64;
+                            totals.elapsed_ms = now.duration_since(start).as_secs_f64() * 1e3;
+                        }
+                        _ = tick.tick() => write_line(&mut w, &totals).await?,
+                    }
+                }
             }
             Request::Recv => {
                 let Ok(mut inbox) = ctx.inbox.try_lock() else {
@@ -365,6 +464,27 @@ impl Client {
             })
             .await?;
         Ok(a.sent.unwrap_or(0))
+    }
+
+    /// Sends `bytes` to `peer` in `size`-byte messages generated by the node.
+    pub async fn blast(&mut self, peer: &str, bytes: u64, size: usize) -> Result<usize> {
+        let a = self
+            .call(&Request::Blast {
+                peer: peer.to_string(),
+                bytes,
+                size,
+            })
+            .await?;
+        Ok(a.sent.unwrap_or(0))
+    }
+
+    /// Turns this connection into a stream of [`SinkProgress`] lines.
+    pub async fn sink(&mut self) -> Result<()> {
+        self.call(&Request::Sink).await.map(drop)
+    }
+
+    pub async fn next_progress(&mut self) -> Result<SinkProgress> {
+        self.line().await
     }
 
     /// Turns this connection into a stream of received messages.
