@@ -301,7 +301,26 @@ pub(crate) fn token_info(t: &TokenRecord) -> TokenInfo {
     }
 }
 
-pub(crate) fn decode_key(bytes: &[u8]) -> Result<(PublicKey, PeerId)> {
+/// Shape checks shared by every signed request that carries a token (node
+/// joins, relay registrations): the token's form, the key, the signature size.
+pub(crate) fn check_signed_token_request(
+    kind: &str,
+    token: &str,
+    public_key: &[u8],
+    signature: &[u8],
+) -> Result<(PublicKey, PeerId)> {
+    validate::bytes_limit("token", token.len(), validate::MAX_TOKEN_LEN)?;
+    if !secrets::well_formed(token, secrets::JOIN_TOKEN_PREFIX) {
+        return Err(ControlError::invalid(format!(
+            "malformed {kind} token (expected pmj_ and 48 hex digits)"
+        )));
+    }
+    let decoded = decode_key(public_key)?;
+    validate::bytes_limit("signature", signature.len(), validate::MAX_SIGNATURE_BYTES)?;
+    Ok(decoded)
+}
+
+fn decode_key(bytes: &[u8]) -> Result<(PublicKey, PeerId)> {
     validate::bytes_limit("public_key", bytes.len(), validate::MAX_KEY_BYTES)?;
     let key = PublicKey::try_decode_protobuf(bytes).map_err(|e| {
         ControlError::invalid(format!(
@@ -727,18 +746,8 @@ impl Registry {
     // ------------------------------------------------------------- node ops
 
     pub async fn join(&self, req: &api::JoinRequest) -> Result<api::JoinResponse> {
-        validate::bytes_limit("token", req.token.len(), validate::MAX_TOKEN_LEN)?;
-        if !secrets::well_formed(&req.token, secrets::JOIN_TOKEN_PREFIX) {
-            return Err(ControlError::invalid(
-                "malformed join token (expected pmj_ and 48 hex digits)",
-            ));
-        }
-        let (key, peer_id) = decode_key(&req.public_key)?;
-        validate::bytes_limit(
-            "signature",
-            req.signature.len(),
-            validate::MAX_SIGNATURE_BYTES,
-        )?;
+        let (key, peer_id) =
+            check_signed_token_request("join", &req.token, &req.public_key, &req.signature)?;
         let requested = if req.name.is_empty() {
             "node"
         } else {

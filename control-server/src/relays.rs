@@ -33,7 +33,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::error::{ControlError, Result};
-use crate::registry::{decode_key, token_info, Registry};
+use crate::registry::{check_signed_token_request, token_info, Registry};
 use crate::{secrets, validate};
 
 /// Session subjects of relays start with this; node ids (PeerIds) never
@@ -281,18 +281,8 @@ impl Registry {
         &self,
         req: &api::RegisterRelayRequest,
     ) -> Result<api::RegisterRelayResponse> {
-        validate::bytes_limit("token", req.token.len(), validate::MAX_TOKEN_LEN)?;
-        if !secrets::well_formed(&req.token, secrets::JOIN_TOKEN_PREFIX) {
-            return Err(ControlError::invalid(
-                "malformed relay token (expected pmj_ and 48 hex digits)",
-            ));
-        }
-        let (key, peer_id) = decode_key(&req.public_key)?;
-        validate::bytes_limit(
-            "signature",
-            req.signature.len(),
-            validate::MAX_SIGNATURE_BYTES,
-        )?;
+        let (key, peer_id) =
+            check_signed_token_request("relay", &req.token, &req.public_key, &req.signature)?;
         let addresses = check_relay_addresses(&req.addresses)?;
         check_region(&req.region)?;
         self.check_skew(req.timestamp_ms)?;
