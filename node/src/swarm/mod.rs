@@ -25,6 +25,16 @@ use tokio::sync::mpsc;
 use crate::error::{NodeError, Result};
 use crate::relay::{quic_addr, IDENTIFY_PROTOCOL};
 
+/// A QUIC connection that has heard nothing from the other side for this
+/// long is closed, which takes its path down in the link worker so that the
+/// stream moves to another path. libp2p's default (10 s) left a cut direct
+/// path holding the stream still for 10 s before the relay took over. The
+/// peer's value may lower it (QUIC uses the smaller of the two).
+const QUIC_IDLE_TIMEOUT_MS: u32 = 3_000;
+/// Keep-alive PINGs, so that a live but quiet connection is never idle for
+/// [`QUIC_IDLE_TIMEOUT_MS`].
+const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
+
 #[derive(NetworkBehaviour)]
 pub struct MeshBehaviour {
     /// Only members of the current network map and relays of the directory
@@ -120,7 +130,11 @@ pub fn spawn(keypair: Keypair, listen: SocketAddr) -> Result<SwarmHandle> {
     let local_peer_id = keypair.public().to_peer_id();
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_quic()
+        .with_quic_config(|mut c| {
+            c.max_idle_timeout = QUIC_IDLE_TIMEOUT_MS;
+            c.keep_alive_interval = QUIC_KEEP_ALIVE;
+            c
+        })
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| NodeError::Swarm(e.to_string()))?
         .with_behaviour(|key, relay_client| MeshBehaviour {
