@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use libp2p::PeerId;
 use peermesh_proto::api::{LinkReport, Peer};
 use tokio::sync::{mpsc, watch, Mutex};
 use tonic::Code;
@@ -149,7 +148,7 @@ pub struct Node {
     link_report_interval: Duration,
     mesh: mpsc::Sender<MeshCommand>,
     mesh_events: mpsc::Receiver<MeshEvent>,
-    inbox: Arc<Mutex<mpsc::Receiver<(PeerId, bytes::Bytes)>>>,
+    inbox: Arc<Mutex<status::Inbox>>,
     /// Where the mesh says this node is reachable (relay circuit, observed
     /// and local addresses); published with `advertise`.
     reachable: Vec<String>,
@@ -253,7 +252,7 @@ impl Node {
                 link_report_interval: config.link_report_interval,
                 mesh: mesh.commands,
                 mesh_events: mesh.events,
-                inbox: Arc::new(Mutex::new(mesh.inbox)),
+                inbox: Arc::new(Mutex::new(status::Inbox::new(mesh.inbox))),
                 reachable: Vec::new(),
                 endpoints_dirty: true,
             },

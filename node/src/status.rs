@@ -171,7 +171,40 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
 pub struct Ctx {
     pub view: watch::Receiver<NodeStatus>,
     pub mesh: mpsc::Sender<MeshCommand>,
-    pub inbox: Arc<Mutex<mpsc::Receiver<(PeerId, Bytes)>>>,
+    pub inbox: Arc<Mutex<Inbox>>,
+}
+
+/// Messages from peers waiting for a `recv` client. A message taken for a
+/// client that turned out to be gone is held and handed to the next one.
+pub struct Inbox {
+    rx: mpsc::Receiver<(PeerId, Bytes)>,
+    held: Option<(PeerId, Bytes)>,
+}
+
+impl Inbox {
+    pub fn new(rx: mpsc::Receiver<(PeerId, Bytes)>) -> Self {
+        Self { rx, held: None }
+    }
+
+    /// Cancel-safe: a held message is returned without waiting.
+    async fn next(&mut self) -> Option<(PeerId, Bytes)> {
+        match self.held.take() {
+            Some(m) => Some(m),
+            None => self.rx.recv().await,
+        }
+    }
+}
+
+/// Resolves when the client closes its side of the socket (it sends
+/// nothing after `recv`/`sink`), so a dead client releases the inbox at once.
+async fn closed(reader: &mut (impl AsyncBufReadExt + Unpin)) {
+    let mut buf = String::new();
+    loop {
+        match reader.read_line(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => buf.clear(),
+        }
+    }
 }
 
 /// Answers requests until dropped.
@@ -344,7 +377,8 @@ async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
                 let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
                 loop {
                     tokio::select! {
-                        m = inbox.recv() => {
+                        _ = closed(&mut reader) => return Ok(()),
+                        m = inbox.next() => {
                             let Some((_, data)) = m else { return Ok(()) };
                             let now = std::time::Instant::now();
                             let start = *first.get_or_insert(now);
@@ -371,7 +405,14 @@ async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
                     },
                 )
                 .await?;
-                while let Some((peer, data)) = inbox.recv().await {
+                loop {
+                    let (peer, data) = tokio::select! {
+                        _ = closed(&mut reader) => return Ok(()),
+                        m = inbox.next() => match m {
+                            Some(m) => m,
+                            None => return Ok(()),
+                        },
+                    };
                     let id = peer.to_string();
                     let name = ctx
                         .view
@@ -386,11 +427,12 @@ async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
                         name,
                         data: String::from_utf8_lossy(&data).into_owned(),
                     };
-                    // A client that went away loses nothing already taken:
-                    // it was written or the write failed before the next recv.
-                    write_line(&mut w, &msg).await?;
+                    if let Err(e) = write_line(&mut w, &msg).await {
+                        // Not delivered: the next `recv` gets it first.
+                        inbox.held = Some((peer, data));
+                        return Err(e);
+                    }
                 }
-                return Ok(());
             }
         }
     }
