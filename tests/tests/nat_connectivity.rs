@@ -16,17 +16,14 @@
 //! Needs root, `ip` and `nft`: skipped with a printed reason otherwise,
 //! failed when CI=true.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use peermesh_tests::netlab::{lab_or_skip, Lab, NatKind, Ns, PublicHost, Site, SiteOpts};
-use peermesh_tests::{wait_for, Bins};
-use serde_json::Value;
+use peermesh_tests::meshlab::{poll, Inbox, MeshLab, MeshNode};
+use peermesh_tests::netlab::{lab_or_skip, NatKind, Site, SiteOpts};
+use peermesh_tests::wait_for;
 
 /// Each test builds its own lab and runs five processes in it; one lab at a
 /// time keeps the timings meaningful on a small machine.
@@ -36,10 +33,6 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The control server's TCP port on the public host.
-const CONTROL_PORT: u16 = 7000;
-/// The relay's UDP port on the public host.
-const RELAY_PORT: u16 = 4001;
 /// Process start-up, joining, listing peers, a stream to arrive.
 const SLOW: Duration = Duration::from_secs(30);
 /// Bound for the upgrade to a direct path once the nodes run.
@@ -48,85 +41,16 @@ const TO_DIRECT: Duration = Duration::from_secs(20);
 /// node closes a QUIC connection after 3 s without a packet (libp2p's
 /// default of 10 s, which this bound rejects, held the stream still for 10 s).
 const TO_RELAY: Duration = Duration::from_secs(8);
-/// Bound for one `meshnode` client command.
-const CLI: Duration = Duration::from_secs(60);
-const GROUP: &str = "g";
-
-/// Runs `cmd` with its output captured; killed and failed after `timeout`.
-fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<Output> {
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("NO_COLOR", "1")
-        .spawn()
-        .with_context(|| format!("spawning {what}"))?;
-    let deadline = Instant::now() + timeout;
-    while child.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{what} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(child.wait_with_output()?)
-}
-
-/// Like [`run_bounded`]; stdout, or an error with stderr on a non-zero exit.
-fn run_ok(cmd: Command, timeout: Duration) -> Result<String> {
-    let what = format!("{cmd:?}");
-    let out = run_bounded(cmd, timeout)?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
-
-/// Polls `f` every `every` until it returns `Some`, or fails after `timeout`
-/// (for checks too costly for [`wait_for`]'s 25 ms).
-fn wait_every<T>(
-    timeout: Duration,
-    every: Duration,
-    what: &str,
-    mut f: impl FnMut() -> Option<T>,
-) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if start.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(every);
-    }
-}
+/// How often a node's peer list is polled while waiting for a peer.
+const PEER_POLL: Duration = Duration::from_millis(25);
 
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
 }
 
-/// The `data` fields of a `meshnode recv --json` output file.
-fn received(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| v["data"].as_str().map(String::from))
-        .collect()
-}
-
-/// How many complete lines a `recv --json` output file has (cheap).
-fn received_count(path: &Path) -> usize {
-    std::fs::read(path)
-        .map(|b| b.iter().filter(|c| **c == b'\n').count())
-        .unwrap_or(0)
+/// The data of every message `inbox` received, in arrival order.
+fn received(inbox: &Inbox) -> Vec<String> {
+    inbox.arrivals().into_iter().map(|a| a.msg.data).collect()
 }
 
 /// `prefix-0 … prefix-(n-1)`.
@@ -159,291 +83,6 @@ fn check_exact(got: &[String], want: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// A running `meshnode up` inside a lab namespace. The client commands
-/// (status, send, recv) talk to it over its Unix socket in the state
-/// directory, from the test's own namespace.
-#[derive(Clone)]
-struct MeshNode {
-    name: String,
-    state: PathBuf,
-    log: PathBuf,
-}
-
-impl MeshNode {
-    fn client(&self, sub: &str) -> Command {
-        let mut cmd = Command::new(&Bins::get().meshnode);
-        cmd.arg(sub).arg("--state").arg(&self.state);
-        cmd
-    }
-
-    /// `meshnode status --json`, or None while the node does not answer.
-    fn status(&self) -> Option<Value> {
-        let mut cmd = self.client("status");
-        cmd.arg("--json");
-        let out = run_bounded(cmd, Duration::from_secs(10)).ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
-    }
-
-    /// The path of the link to `peer`, if listed.
-    fn path_to(&self, peer: &str) -> Option<String> {
-        let s = self.status()?;
-        s["peers"]
-            .as_array()?
-            .iter()
-            .find(|p| p["name"] == peer)
-            .and_then(|p| p["path"].as_str().map(String::from))
-    }
-
-    /// Waits until this node lists `peer` (and no one else).
-    fn wait_peer(&self, peer: &str) -> Result<()> {
-        wait_for(SLOW, &format!("{} to list peer {peer}", self.name), || {
-            let s = self.status()?;
-            let names: Vec<&str> = s["peers"]
-                .as_array()?
-                .iter()
-                .filter_map(|p| p["name"].as_str())
-                .collect();
-            (names == [peer]).then_some(())
-        })
-    }
-
-    /// `meshnode send --count n --prefix prefix` to `peer`.
-    fn send(&self, peer: &str, prefix: &str, n: usize) -> Result<()> {
-        let mut cmd = self.client("send");
-        cmd.arg(peer)
-            .args(["--count", &n.to_string(), "--prefix", prefix]);
-        run_ok(cmd, CLI).map(drop)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The log lines that contain any of `needles`.
-    fn log_lines(&self, needles: &[&str]) -> Vec<String> {
-        self.log()
-            .lines()
-            .filter(|l| needles.iter().any(|n| l.contains(n)))
-            .map(String::from)
-            .collect()
-    }
-}
-
-/// A netlab with the peermesh processes running in it. Dropping it (also
-/// while a test panics) kills every process it started and removes the
-/// namespaces; on a panic it first prints the tail of every log and keeps
-/// the logs in a `peermesh-failed-*` directory.
-struct MeshLab {
-    test: String,
-    dir: tempfile::TempDir,
-    procs: Vec<(String, Child)>,
-    logs: Vec<(String, PathBuf)>,
-    server: Option<PublicHost>,
-    /// Declared last: the namespaces go after the processes are killed.
-    lab: Lab,
-}
-
-impl MeshLab {
-    fn new(test: &str, lab: Lab) -> Result<Self> {
-        // Built (or found fresh) before anything is timed.
-        Bins::get();
-        Ok(Self {
-            test: test.to_string(),
-            dir: tempfile::Builder::new()
-                .prefix(&format!("peermesh-nat-{test}-"))
-                .tempdir()?,
-            procs: Vec::new(),
-            logs: Vec::new(),
-            server: None,
-            lab,
-        })
-    }
-
-    fn server(&self) -> &PublicHost {
-        self.server.as_ref().expect("start_public first")
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}:{CONTROL_PORT}", self.server().ip())
-    }
-
-    /// Spawns `cmd` inside `ns` with its output appended to `log`.
-    fn spawn(&mut self, label: &str, ns: &Ns, mut cmd: Command, log: &Path) -> Result<()> {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("log file {}", log.display()))?;
-        cmd.stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .env("NO_COLOR", "1")
-            .env(
-                "RUST_LOG",
-                "info,peermesh_node=debug,h2=warn,tower=warn,hyper=warn",
-            );
-        let child = ns.spawn(cmd)?;
-        self.procs.push((label.to_string(), child));
-        self.logs.push((label.to_string(), log.to_path_buf()));
-        Ok(())
-    }
-
-    fn wait_log(&self, log: &Path, needle: &str, what: &str) -> Result<()> {
-        wait_for(SLOW, what, || {
-            std::fs::read_to_string(log)
-                .ok()?
-                .contains(needle)
-                .then_some(())
-        })
-    }
-
-    /// `control-server admin …`, run on the public host.
-    fn admin(&self, args: &[&str]) -> Result<String> {
-        let mut cmd = self.server().command(&Bins::get().control_server);
-        cmd.arg("admin")
-            .arg("--server")
-            .arg(self.url())
-            .arg("--data")
-            .arg(self.dir.path().join("control-data"))
-            .args(args);
-        run_ok(cmd, Duration::from_secs(20))
-    }
-
-    /// The public host with the control server and one relay, both
-    /// listening on its public address; the group `g`.
-    fn start_public(&mut self) -> Result<()> {
-        let host = self.lab.public_host("srv")?;
-        self.server = Some(host.clone());
-        let ip = host.ip();
-        let log = self.dir.path().join("control-server.log");
-        let mut cmd = Command::new(&Bins::get().control_server);
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg(format!("{ip}:{CONTROL_PORT}"))
-            .arg("--data")
-            .arg(self.dir.path().join("control-data"));
-        self.spawn("control-server", &host, cmd, &log)?;
-        self.wait_log(&log, "listening on", "the control server to listen")?;
-        self.admin(&["create-group", GROUP])?;
-
-        let token = self.admin(&["create-token", "--relay"])?.trim().to_string();
-        let log = self.dir.path().join("relay.log");
-        let mut cmd = Command::new(&Bins::get().meshnode);
-        cmd.arg("relay")
-            .arg("--listen")
-            .arg(format!("{ip}:{RELAY_PORT}"))
-            .arg("--control")
-            .arg(self.url())
-            .arg("--token")
-            .arg(&token)
-            .arg("--state")
-            .arg(self.dir.path().join("relay-state"));
-        self.spawn("relay", &host, cmd, &log)?;
-        self.wait_log(
-            &log,
-            "registered with the control server",
-            "the relay to register",
-        )
-    }
-
-    /// A join token for one node of the group.
-    fn token(&self) -> Result<String> {
-        Ok(self
-            .admin(&["create-token", "--group", GROUP, "--uses", "1"])?
-            .trim()
-            .to_string())
-    }
-
-    /// `meshnode up` named `name` on `site`'s host.
-    fn node(&mut self, name: &str, site: &Site, token: &str) -> Result<MeshNode> {
-        let state = self.dir.path().join(format!("node-{name}"));
-        let log = self.dir.path().join(format!("node-{name}.log"));
-        let mut cmd = Command::new(&Bins::get().meshnode);
-        cmd.arg("up")
-            .arg("--control")
-            .arg(self.url())
-            .arg("--token")
-            .arg(token)
-            .arg("--state")
-            .arg(&state)
-            .arg("--name")
-            .arg(name);
-        self.spawn(&format!("node {name}"), &site.host, cmd, &log)?;
-        Ok(MeshNode {
-            name: name.to_string(),
-            state,
-            log,
-        })
-    }
-
-    /// `meshnode recv --json` on `node`, its output in `out`; killed with
-    /// the lab.
-    fn recv(&mut self, node: &MeshNode, out: &Path) -> Result<()> {
-        let f = std::fs::File::create(out)?;
-        let err = self.dir.path().join(format!("recv-{}.log", node.name));
-        let child = node
-            .client("recv")
-            .arg("--json")
-            .stdin(Stdio::null())
-            .stdout(f)
-            .stderr(std::fs::File::create(&err)?)
-            .spawn()?;
-        let label = format!("recv {}", node.name);
-        self.procs.push((label.clone(), child));
-        self.logs.push((label, err));
-        Ok(())
-    }
-
-    fn dump_logs(&self) {
-        for (name, path) in &self.logs {
-            let mut text = String::new();
-            if let Ok(mut f) = std::fs::File::open(path) {
-                let _ = f.read_to_string(&mut text);
-            }
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(50)..];
-            eprintln!(
-                "----- {name} ({}) -----\n{}",
-                path.display(),
-                tail.join("\n")
-            );
-        }
-    }
-}
-
-impl Drop for MeshLab {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.procs {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("===== {}: logs =====", self.test);
-            self.dump_logs();
-            let keep = std::env::temp_dir().join(format!(
-                "peermesh-failed-{}",
-                self.dir
-                    .path()
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-            ));
-            if std::fs::create_dir_all(&keep).is_ok() {
-                for (_, path) in &self.logs {
-                    if let Some(name) = path.file_name() {
-                        let _ = std::fs::copy(path, keep.join(name));
-                    }
-                }
-                let _ = std::fs::write(keep.join("netlab.txt"), self.lab.describe());
-                eprintln!("logs and the lab's rules kept in {}", keep.display());
-            }
-        }
-    }
-}
-
 /// Runs a test body against a fresh lab; an error fails the test while the
 /// lab still exists, so its logs are printed.
 fn lab_test(test: &str, body: impl FnOnce(&mut MeshLab) -> Result<()>) {
@@ -472,7 +111,7 @@ struct Pair {
     /// When `first-0` arrived at `b`, from `t0`.
     first: Duration,
     /// `b`'s received messages.
-    inbox: PathBuf,
+    inbox: Inbox,
 }
 
 fn start_pair(m: &mut MeshLab, ka: NatKind, kb: NatKind) -> Result<Pair> {
@@ -481,16 +120,15 @@ fn start_pair(m: &mut MeshLab, ka: NatKind, kb: NatKind) -> Result<Pair> {
     let sb = m.lab.site("sb", kb, SiteOpts::default())?;
     let (ta, tb) = (m.token()?, m.token()?);
     let t0 = Instant::now();
-    let a = m.node("a", &sa, &ta)?;
-    let b = m.node("b", &sb, &tb)?;
-    wait_for(SLOW, "b to answer", || b.status())?;
-    let inbox = m.dir.path().join("b-inbox.jsonl");
-    m.recv(&b, &inbox)?;
+    let a = m.node("a", &sa.host, &ta)?;
+    let b = m.node("b", &sb.host, &tb)?;
+    b.wait_up(SLOW)?;
+    let inbox = m.recv(&b)?;
     // The first message goes out as soon as `a` knows `b`: before any path
     // to `b` exists, so it takes the first one (the relay) with no wait for
     // a punched path.
     wait_for(SLOW, "a to take a message for b", || {
-        a.send("b", "first", 1).ok()
+        a.send_numbered("b", "first", 1).ok()
     })?;
     let known = t0.elapsed();
     let path = a.path_to("b");
@@ -499,14 +137,11 @@ fn start_pair(m: &mut MeshLab, ka: NatKind, kb: NatKind) -> Result<Pair> {
         "a→b is already {path:?} when the first message is sent"
     );
     wait_for(SLOW, "the first message to arrive", || {
-        received(&inbox)
-            .iter()
-            .any(|m| m == "first-0")
-            .then_some(())
+        inbox.find("first-0").map(drop)
     })?;
     let first = t0.elapsed();
-    a.wait_peer("b")?;
-    b.wait_peer("a")?;
+    a.wait_peer("b", SLOW, PEER_POLL)?;
+    b.wait_peer("a", SLOW, PEER_POLL)?;
     Ok(Pair {
         sa,
         sb,
@@ -574,9 +209,9 @@ fn goes_direct(test: &str, ka: NatKind, kb: NatKind) {
             ms(da),
             ms(db)
         );
-        p.a.send("b", "after", 2000)?;
-        wait_every(SLOW, Duration::from_millis(100), "the stream", || {
-            (received_count(&p.inbox) >= 2001).then_some(())
+        p.a.send_numbered("b", "after", 2000)?;
+        poll(SLOW, Duration::from_millis(100), "the stream", || {
+            (p.inbox.count() >= 2001).then_some(())
         })?;
         let want: Vec<String> = numbered("first", 1)
             .chain(numbered("after", 2000))
@@ -654,11 +289,11 @@ fn symmetric_random_pair_stays_on_the_relay_unbroken() {
         let mut want: Vec<String> = numbered("first", 1).collect();
         for k in 0..5 {
             let prefix = format!("s{k}");
-            p.a.send("b", &prefix, 2000)?;
+            p.a.send_numbered("b", &prefix, 2000)?;
             want.extend(numbered(&prefix, 2000));
         }
-        wait_every(SLOW, Duration::from_millis(100), "the stream", || {
-            (received_count(&p.inbox) >= want.len()).then_some(())
+        poll(SLOW, Duration::from_millis(100), "the stream", || {
+            (p.inbox.count() >= want.len()).then_some(())
         })?;
         // Long enough for DCUtR's attempts to be over.
         std::thread::sleep(Duration::from_secs(6).saturating_sub(since.elapsed()));
@@ -710,7 +345,7 @@ impl Sender {
         let thread = std::thread::spawn(move || {
             let mut k = 0;
             while k < MAX_BATCHES && !flag.load(Ordering::Relaxed) {
-                a.send("b", &format!("s{k}"), BATCH)
+                a.send_numbered("b", &format!("s{k}"), BATCH)
                     .with_context(|| format!("batch s{k}"))?;
                 k += 1;
                 count.store(k, Ordering::Relaxed);
@@ -744,11 +379,11 @@ struct Switch {
 /// Waits until both sides report `relay`, watching the stream at `b`.
 fn watch_switch(p: &Pair, timeout: Duration) -> Result<Switch> {
     let (mut ta, mut tb) = (None, None);
-    let mut count = received_count(&p.inbox);
+    let mut count = p.inbox.count();
     let mut changed = Instant::now();
     let mut stall = Duration::ZERO;
     let res = wait_for(timeout, "`relay` on both sides after the cut", || {
-        let now = received_count(&p.inbox);
+        let now = p.inbox.count();
         if now != count {
             count = now;
             changed = Instant::now();
@@ -793,11 +428,11 @@ fn a_cut_direct_path_falls_back_to_the_relay_exactly_once() {
 
         // A stream in flight on the direct path…
         let sender = Sender::start(&p.a);
-        wait_every(
+        poll(
             SLOW,
             Duration::from_millis(20),
             "the stream to flow",
-            || (received_count(&p.inbox) > 2 * BATCH).then_some(()),
+            || (p.inbox.count() > 2 * BATCH).then_some(()),
         )?;
         ensure!(
             p.a.path_to("b").as_deref() == Some("direct"),
@@ -805,7 +440,7 @@ fn a_cut_direct_path_falls_back_to_the_relay_exactly_once() {
             p.a.path_to("b")
         );
         // …when the sites stop reaching each other; the relay stays.
-        let before = received_count(&p.inbox);
+        let before = p.inbox.count();
         let batches_before = sender.done();
         let cut_at = p.t0.elapsed();
         m.lab.cut(&p.sa, p.sb.public_ip())?;
@@ -829,7 +464,7 @@ fn a_cut_direct_path_falls_back_to_the_relay_exactly_once() {
         );
         // The stream goes on over the relay for a while.
         let switched = sender.done();
-        let more = wait_every(
+        let more = poll(
             SLOW,
             Duration::from_millis(50),
             "batches on the relay",
@@ -841,8 +476,8 @@ fn a_cut_direct_path_falls_back_to_the_relay_exactly_once() {
         for k in 0..sent {
             want.extend(numbered(&format!("s{k}"), BATCH));
         }
-        let delivered = wait_every(SLOW, Duration::from_millis(100), "the whole stream", || {
-            (received_count(&p.inbox) >= want.len()).then_some(())
+        let delivered = poll(SLOW, Duration::from_millis(100), "the whole stream", || {
+            (p.inbox.count() >= want.len()).then_some(())
         });
         for n in [&p.a, &p.b] {
             for l in n.log_lines(&["path up", "path down", "active path"]) {
