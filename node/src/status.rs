@@ -222,6 +222,26 @@ pub async fn serve(listener: UnixListener, ctx: Ctx) {
     }
 }
 
+/// Takes the inbox for a `recv` or `sink` client and tells it so; None (and
+/// the client told why) while another reader holds it.
+async fn attach<'a>(
+    ctx: &'a Ctx,
+    w: &mut (impl AsyncWriteExt + Unpin),
+) -> std::io::Result<Option<tokio::sync::MutexGuard<'a, Inbox>>> {
+    let Ok(inbox) = ctx.inbox.try_lock() else {
+        write_line(w, &Answer::err("another `recv` is attached")).await?;
+        return Ok(None);
+    };
+    let ok = Answer {
+        ok: true,
+        status: None,
+        sent: None,
+        error: None,
+    };
+    write_line(w, &ok).await?;
+    Ok(Some(inbox))
+}
+
 /// The sending side of the link to `peer`, from the mesh.
 async fn link_sender(ctx: &Ctx, peer: PeerId) -> Option<mpsc::Sender<Bytes>> {
     let (reply, rx) = oneshot::channel();
@@ -354,20 +374,9 @@ async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
                 .await?;
             }
             Request::Sink => {
-                let Ok(mut inbox) = ctx.inbox.try_lock() else {
-                    write_line(&mut w, &Answer::err("another `recv` is attached")).await?;
+                let Some(mut inbox) = attach(&ctx, &mut w).await? else {
                     continue;
                 };
-                write_line(
-                    &mut w,
-                    &Answer {
-                        ok: true,
-                        status: None,
-                        sent: None,
-                        error: None,
-                    },
-                )
-                .await?;
                 let mut totals = SinkProgress {
                     messages: 0,
                     bytes: 0,
@@ -391,20 +400,9 @@ async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
                 }
             }
             Request::Recv => {
-                let Ok(mut inbox) = ctx.inbox.try_lock() else {
-                    write_line(&mut w, &Answer::err("another `recv` is attached")).await?;
+                let Some(mut inbox) = attach(&ctx, &mut w).await? else {
                     continue;
                 };
-                write_line(
-                    &mut w,
-                    &Answer {
-                        ok: true,
-                        status: None,
-                        sent: None,
-                        error: None,
-                    },
-                )
-                .await?;
                 loop {
                     let (peer, data) = tokio::select! {
                         _ = closed(&mut reader) => return Ok(()),

@@ -301,32 +301,13 @@ impl Node {
     /// Runs a `meshnode` subcommand against this node's state and returns
     /// its stdout; fails on a non-zero exit.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let mut child = Command::new(&Bins::get().meshnode)
-            .arg(args[0])
+        let mut cmd = Command::new(&Bins::get().meshnode);
+        cmd.arg(args[0])
             .arg("--state")
             .arg(&self.state)
-            .args(&args[1..])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
+            .args(&args[1..]);
         // A command that hangs fails the test instead of stalling it.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("meshnode {args:?} did not finish within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "meshnode {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8(out.stdout)?)
+        meshlab::run_ok(cmd, Duration::from_secs(60))
     }
 
     /// Starts `meshnode recv --json` on this node, its output in a file.

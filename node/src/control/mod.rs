@@ -35,6 +35,35 @@ pub struct ControlClient {
     url: String,
 }
 
+/// A lazily connected channel to the control server at `url`: it
+/// reconnects by itself when the server comes back after a restart.
+pub(crate) fn channel(url: &str) -> Result<Channel> {
+    let bad = |reason: String| NodeError::BadControlUrl {
+        url: url.to_string(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    if endpoint.uri().scheme_str() != Some("http") && endpoint.uri().scheme_str() != Some("https") {
+        return Err(bad("expected http:// or https://".into()));
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+/// `msg` with `authorization: Bearer <credential>` when there is one.
+pub(crate) fn with_bearer<T>(msg: T, credential: Option<&str>) -> Request<T> {
+    let mut req = Request::new(msg);
+    if let Some(value) = credential.and_then(|c| format!("Bearer {c}").parse().ok()) {
+        req.metadata_mut().insert("authorization", value);
+    }
+    req
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -46,24 +75,8 @@ impl ControlClient {
     /// A client on a lazily connected channel: it reconnects by itself when
     /// the server comes back after a restart.
     pub fn new(url: &str, keypair: Keypair) -> Result<Self> {
-        let bad = |reason: String| NodeError::BadControlUrl {
-            url: url.to_string(),
-            reason,
-        };
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
-        if endpoint.uri().scheme_str() != Some("http")
-            && endpoint.uri().scheme_str() != Some("https")
-        {
-            return Err(bad("expected http:// or https://".into()));
-        }
         Ok(Self {
-            rpc: NodeControlClient::new(endpoint.connect_lazy()),
+            rpc: NodeControlClient::new(channel(url)?),
             keypair,
             session: Arc::default(),
             url: url.to_string(),
@@ -96,17 +109,8 @@ impl ControlClient {
     }
 
     fn authed<T>(&self, msg: T) -> Request<T> {
-        let mut req = Request::new(msg);
-        let cred = self
-            .session
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .credential
-            .clone();
-        if let Some(value) = cred.and_then(|c| format!("Bearer {c}").parse().ok()) {
-            req.metadata_mut().insert("authorization", value);
-        }
-        req
+        let s = self.session.read().unwrap_or_else(|p| p.into_inner());
+        with_bearer(msg, s.credential.as_deref())
     }
 
     pub async fn join(&mut self, token: &str, name: &str) -> Result<JoinResponse, Status> {

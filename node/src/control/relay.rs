@@ -1,18 +1,16 @@
 //! The relay server's side of the control API: register, learn whom to
 //! serve, report load.
 
-use std::time::Duration;
-
 use libp2p::identity::Keypair;
 use peermesh_proto::api::{
     relay_control_client::RelayControlClient as Rpc, MemberUpdate, RegisterRelayRequest,
     RegisterRelayResponse, RelayLoad, WatchMembersRequest,
 };
 use peermesh_proto::signing;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
-use crate::error::{NodeError, Result};
+use crate::error::Result;
 
 #[derive(Clone)]
 pub struct RelayControlClient {
@@ -24,18 +22,8 @@ pub struct RelayControlClient {
 
 impl RelayControlClient {
     pub fn new(url: &str, keypair: Keypair) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| NodeError::BadControlUrl {
-                url: url.to_string(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
         Ok(Self {
-            rpc: Rpc::new(endpoint.connect_lazy()),
+            rpc: Rpc::new(super::channel(url)?),
             keypair,
             credential: None,
             last_ts: 0,
@@ -72,15 +60,7 @@ impl RelayControlClient {
     }
 
     fn authed<T>(&self, msg: T) -> Request<T> {
-        let mut req = Request::new(msg);
-        if let Some(v) = self
-            .credential
-            .as_ref()
-            .and_then(|c| format!("Bearer {c}").parse().ok())
-        {
-            req.metadata_mut().insert("authorization", v);
-        }
-        req
+        super::with_bearer(msg, self.credential.as_deref())
     }
 
     pub async fn watch_members(&mut self) -> Result<Streaming<MemberUpdate>, Status> {
