@@ -149,6 +149,9 @@ pub struct Node {
     mesh: mpsc::Sender<MeshCommand>,
     mesh_events: mpsc::Receiver<MeshEvent>,
     inbox: Arc<Mutex<status::Inbox>>,
+    /// Channel queues not yet taken by a service; dropped when the node
+    /// runs, so that nobody waits on a channel that no service reads.
+    inboxes: mesh::channel::Inboxes,
     /// Where the mesh says this node is reachable (relay circuit, observed
     /// and local addresses); published with `advertise`.
     reachable: Vec<String>,
@@ -239,7 +242,16 @@ impl Node {
             map_version: 0,
             peers: Vec::new(),
         });
-        let mesh = mesh::spawn(keypair, config.listen)?;
+        let mut mesh = mesh::spawn(keypair, config.listen)?;
+        let mut mesh_inboxes = std::mem::replace(
+            &mut mesh.inboxes,
+            mesh::channel::Inboxes {
+                message: None,
+                ip: None,
+                content: None,
+                session: None,
+            },
+        );
         Ok((
             Self {
                 client,
@@ -252,7 +264,10 @@ impl Node {
                 link_report_interval: config.link_report_interval,
                 mesh: mesh.commands,
                 mesh_events: mesh.events,
-                inbox: Arc::new(Mutex::new(status::Inbox::new(mesh.inbox))),
+                inbox: Arc::new(Mutex::new(status::Inbox::new(
+                    mesh_inboxes.message.take().expect("fresh inboxes"),
+                ))),
+                inboxes: mesh_inboxes,
                 reachable: Vec::new(),
                 endpoints_dirty: true,
             },
@@ -268,6 +283,24 @@ impl Node {
         self.view.subscribe()
     }
 
+    /// What a service on this node (TUN, content, sessions) uses the mesh
+    /// through.
+    pub fn mesh_client(&self) -> mesh::MeshClient {
+        mesh::MeshClient {
+            commands: self.mesh.clone(),
+            status: self.view.subscribe(),
+        }
+    }
+
+    /// The queue of messages from peers on `ch`, for the service that runs
+    /// it; taken once. Call before [`Self::run`].
+    pub fn take_inbox(
+        &mut self,
+        ch: mesh::channel::Channel,
+    ) -> Option<mpsc::Receiver<(libp2p::PeerId, bytes::Bytes)>> {
+        self.inboxes.take(ch)
+    }
+
     /// Runs until `shutdown` resolves or the node is revoked.
     pub async fn run(
         mut self,
@@ -281,6 +314,9 @@ impl Node {
             inbox: self.inbox.clone(),
         };
         let status_task = tokio::spawn(status::serve(listener, ctx));
+        for ch in mesh::channel::Channel::ALL {
+            drop(self.inboxes.take(ch));
+        }
         let result = self.control_loop(shutdown).await;
         status_task.abort();
         let _ = std::fs::remove_file(&socket);

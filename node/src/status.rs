@@ -12,9 +12,10 @@ use tokio::net::{UnixListener, UnixStream};
 
 use bytes::Bytes;
 use libp2p::PeerId;
-use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::error::{NodeError, Result};
+use crate::mesh::channel::{self, Channel};
 use crate::mesh::MeshCommand;
 
 /// How a peer is reached. The spellings are part of the CLI's JSON contract.
@@ -117,7 +118,7 @@ pub struct SinkProgress {
 }
 
 /// Largest message a blast may use (the path switch's own limit).
-pub const MAX_BLAST_MESSAGE: usize = 1 << 20;
+pub const MAX_BLAST_MESSAGE: usize = channel::MAX_MESSAGE;
 
 #[derive(Serialize, Deserialize)]
 struct Answer {
@@ -244,12 +245,12 @@ async fn attach<'a>(
 
 /// The sending side of the link to `peer`, from the mesh.
 async fn link_sender(ctx: &Ctx, peer: PeerId) -> Option<mpsc::Sender<Bytes>> {
-    let (reply, rx) = oneshot::channel();
-    ctx.mesh
-        .send(MeshCommand::LinkSender { peer, reply })
-        .await
-        .ok()?;
-    rx.await.ok().flatten()
+    crate::mesh::MeshClient {
+        commands: ctx.mesh.clone(),
+        status: ctx.view.clone(),
+    }
+    .link_sender(peer)
+    .await
 }
 
 fn resolve(view: &NodeStatus, peer: &str) -> Option<PeerId> {
@@ -316,7 +317,11 @@ async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
                 for m in messages {
                     // Waits while the link's queue is full: backpressure
                     // reaches this client and no one else.
-                    if link.send(Bytes::from(m.into_bytes())).await.is_err() {
+                    if link
+                        .send(channel::tag(Channel::Message, m.as_bytes()))
+                        .await
+                        .is_err()
+                    {
                         error = Some("the link to this peer stopped".to_string());
                         break;
                     }
@@ -351,12 +356,12 @@ async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
                     write_line(&mut w, &Answer::err(format!("no link to {peer:?}"))).await?;
                     continue;
                 };
-                let payload = Bytes::from(vec![0xa5u8; size]);
+                let payload = channel::tag(Channel::Message, &vec![0xa5u8; size]);
                 let mut left = bytes;
                 let mut sent = 0;
                 while left > 0 {
                     let n = left.min(size as u64) as usize;
-                    if link.send(payload.slice(..n)).await.is_err() {
+                    if link.send(payload.slice(..n + 1)).await.is_err() {
                         break;
                     }
                     left -= n as u64;

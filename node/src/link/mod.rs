@@ -16,6 +16,7 @@ use libp2p::swarm::{ConnectionId, Stream};
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
 
+use crate::mesh::channel::{Sinks, Undelivered};
 use crate::path_switch::{self, PathId, PathSwitch};
 use crate::status::PathKind;
 use crate::swarm::Command as SwarmCommand;
@@ -69,6 +70,8 @@ pub struct LinkStatus {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub malformed: u64,
+    /// Messages for a channel that no service on this node consumes.
+    pub undeliverable: u64,
 }
 
 impl Default for LinkStatus {
@@ -79,13 +82,13 @@ impl Default for LinkStatus {
             bytes_in: 0,
             bytes_out: 0,
             malformed: 0,
+            undeliverable: 0,
         }
     }
 }
 
 #[derive(Debug)]
 pub enum LinkOutput {
-    Message(PeerId, Bytes),
     Status(PeerId, LinkStatus),
 }
 
@@ -113,6 +116,7 @@ struct Worker {
     switch: PathSwitch,
     swarm: mpsc::Sender<SwarmCommand>,
     out: mpsc::Sender<LinkOutput>,
+    sinks: Sinks,
     inputs_tx: mpsc::Sender<LinkInput>,
     addresses: Vec<Multiaddr>,
     connections: HashMap<ConnectionId, bool>,
@@ -130,15 +134,20 @@ pub fn spawn(
     peer: PeerId,
     swarm: mpsc::Sender<SwarmCommand>,
     out: mpsc::Sender<LinkOutput>,
+    sinks: Sinks,
 ) -> LinkHandle {
     let (input_tx, input_rx) = mpsc::channel(1024);
     let (send_tx, send_rx) = mpsc::channel(256);
     let worker = Worker {
         me,
         peer,
-        switch: PathSwitch::new(path_switch::Config::default()),
+        switch: PathSwitch::new(path_switch::Config {
+            max_message_size: crate::mesh::channel::MAX_MESSAGE + 1,
+            ..path_switch::Config::default()
+        }),
         swarm,
         out,
+        sinks,
         inputs_tx: input_tx.clone(),
         addresses: Vec::new(),
         connections: HashMap::new(),
@@ -387,13 +396,10 @@ impl Worker {
             }
         }
         while let Some(m) = self.switch.poll_deliver() {
-            if self
-                .out
-                .send(LinkOutput::Message(self.peer, m))
-                .await
-                .is_err()
-            {
-                return false;
+            match self.sinks.deliver(self.peer, m).await {
+                Ok(()) => {}
+                Err(Undelivered::Malformed) => self.status.malformed += 1,
+                Err(Undelivered::NoConsumer) => self.status.undeliverable += 1,
             }
         }
         self.report_status().await

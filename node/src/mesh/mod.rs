@@ -3,6 +3,8 @@
 //! feeds it the network map; it answers with where this node is reachable
 //! and how each link is doing.
 
+pub mod channel;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
@@ -35,6 +37,35 @@ pub enum MeshCommand {
     },
 }
 
+/// A service's handle on the mesh: links to send on and the node's view of
+/// its peers. Cheap to clone.
+#[derive(Clone)]
+pub struct MeshClient {
+    pub commands: mpsc::Sender<MeshCommand>,
+    pub status: tokio::sync::watch::Receiver<crate::status::NodeStatus>,
+}
+
+impl MeshClient {
+    /// The sending side of `peer`'s link; messages on it must be
+    /// [`channel::tag`]ged. `None` when the peer is not a member.
+    pub async fn link_sender(&self, peer: PeerId) -> Option<mpsc::Sender<Bytes>> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(MeshCommand::LinkSender { peer, reply })
+            .await
+            .ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// Sends one message on `ch` to `peer`, waiting while its link is full.
+    pub async fn send(&self, peer: PeerId, ch: channel::Channel, payload: &[u8]) -> bool {
+        match self.link_sender(peer).await {
+            Some(tx) => tx.send(channel::tag(ch, payload)).await.is_ok(),
+            None => false,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum MeshEvent {
     Reachable(Vec<Multiaddr>),
@@ -44,8 +75,8 @@ pub enum MeshEvent {
 pub struct MeshHandle {
     pub commands: mpsc::Sender<MeshCommand>,
     pub events: mpsc::Receiver<MeshEvent>,
-    /// Messages from peers, in order per peer.
-    pub inbox: mpsc::Receiver<(PeerId, Bytes)>,
+    /// Messages from peers, per channel, in order per peer.
+    pub inboxes: channel::Inboxes,
     pub local_peer_id: PeerId,
 }
 
@@ -74,7 +105,7 @@ struct Mesh {
     links: HashMap<PeerId, LinkHandle>,
     link_out: mpsc::Sender<LinkOutput>,
     events: mpsc::Sender<MeshEvent>,
-    inbox: mpsc::Sender<(PeerId, Bytes)>,
+    sinks: channel::Sinks,
     relays: HashSet<PeerId>,
 }
 
@@ -86,7 +117,7 @@ pub fn spawn(keypair: Keypair, listen: SocketAddr) -> Result<MeshHandle> {
     } = swarm::spawn(keypair, listen)?;
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
-    let (inbox_tx, inbox_rx) = mpsc::channel(4096);
+    let (sinks, inboxes) = channel::inboxes(4096);
     let (out_tx, out_rx) = mpsc::channel(4096);
     let mesh = Mesh {
         me: local_peer_id,
@@ -94,14 +125,14 @@ pub fn spawn(keypair: Keypair, listen: SocketAddr) -> Result<MeshHandle> {
         links: HashMap::new(),
         link_out: out_tx,
         events: ev_tx,
-        inbox: inbox_tx,
+        sinks,
         relays: HashSet::new(),
     };
     tokio::spawn(mesh.run(cmd_rx, swarm_rx, out_rx));
     Ok(MeshHandle {
         commands: cmd_tx,
         events: ev_rx,
-        inbox: inbox_rx,
+        inboxes,
         local_peer_id,
     })
 }
@@ -124,9 +155,6 @@ impl Mesh {
                     None => return,
                 },
                 o = link_out.recv() => match o {
-                    Some(LinkOutput::Message(peer, m)) => {
-                        if self.inbox.send((peer, m)).await.is_err() { return; }
-                    }
                     Some(LinkOutput::Status(peer, s)) => {
                         if self.events.send(MeshEvent::Link(peer, s)).await.is_err() { return; }
                     }
@@ -143,7 +171,13 @@ impl Mesh {
                     return;
                 }
                 let link = self.links.entry(peer).or_insert_with(|| {
-                    link::spawn(self.me, peer, self.swarm.clone(), self.link_out.clone())
+                    link::spawn(
+                        self.me,
+                        peer,
+                        self.swarm.clone(),
+                        self.link_out.clone(),
+                        self.sinks.clone(),
+                    )
                 });
                 let _ = link
                     .input
