@@ -1,0 +1,273 @@
+//! Shared by `tests/content.rs` and `benches/content.rs`: the origin (`hosting-server`) as a
+//! process on loopback, a plain HTTP/1.1 GET, test files, and `meshnode get` runs.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use peermesh_tests::{free_port, wait_for, Bins};
+use serde_json::Value;
+
+/// `hosting-server`, built in the profile of the running test (after the other binaries).
+pub fn hosting_server_bin() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let meshnode = &Bins::get().meshnode;
+        let dir = meshnode.parent().expect("bin dir").to_path_buf();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = option_env!("CARGO").unwrap_or("cargo");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace");
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace).args([
+            "build",
+            "--quiet",
+            "-p",
+            "peermesh-hosting-server",
+            "--bins",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().expect("cargo build").success(),
+            "building hosting-server failed"
+        );
+        dir.join("hosting-server")
+    })
+}
+
+/// A running `hosting-server serve` on loopback.
+pub struct Origin {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Origin {
+    pub fn start(content: &Path, log: PathBuf) -> Result<Self> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(hosting_server_bin())
+            .arg("serve")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--content")
+            .arg(content)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("spawning hosting-server")?;
+        let origin = Self { child, addr, log };
+        wait_for(Duration::from_secs(60), "the origin to listen", || {
+            std::fs::read_to_string(&origin.log)
+                .ok()?
+                .contains("listening on")
+                .then_some(())
+        })?;
+        Ok(origin)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `GET path`, the status code and body.
+    pub fn get(&self, path: &str) -> Result<(u16, Vec<u8>)> {
+        http_get(self.addr, path)
+    }
+
+    pub fn json(&self, path: &str) -> Result<Value> {
+        let (code, body) = self.get(path)?;
+        ensure!(code == 200, "GET {path}: {code}");
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// The content id of the published file `name`.
+    pub fn content_id(&self, name: &str) -> Result<String> {
+        let list = self.json("/content")?;
+        list.as_array()
+            .context("list")?
+            .iter()
+            .find(|i| i["name"] == name)
+            .and_then(|i| i["id"].as_str().map(String::from))
+            .with_context(|| format!("{name} is not published: {list}"))
+    }
+
+    /// Chunk body bytes the origin has served so far.
+    pub fn chunk_bytes(&self) -> Result<u64> {
+        self.json("/stats")?["chunk_bytes"]
+            .as_u64()
+            .context("stats.chunk_bytes")
+    }
+}
+
+/// A minimal HTTP/1.1 GET (Connection: close, Content-Length bodies).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of headers")?;
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    Ok((code, buf[end + 4..].to_vec()))
+}
+
+/// `size` pseudo-random bytes (xorshift; every chunk distinct).
+pub fn make_file(path: &Path, size: usize, seed: u64) -> Result<()> {
+    let mut x = seed | 1;
+    let mut data = Vec::with_capacity(size + 8);
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(size);
+    std::fs::write(path, data)?;
+    Ok(())
+}
+
+pub fn blake3_file(path: &Path) -> Result<String> {
+    let data = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    Ok(blake3::hash(&data).to_hex().to_string())
+}
+
+/// A `meshnode get --json` running against a node.
+pub struct Get {
+    child: Child,
+    pub node: String,
+    pub output: PathBuf,
+    started: Instant,
+}
+
+impl Drop for Get {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Get {
+    pub fn spawn(node: &peermesh_tests::Node, id: &str, output: PathBuf) -> Result<Self> {
+        let child = Command::new(&Bins::get().meshnode)
+            .arg("get")
+            .arg("--state")
+            .arg(&node.state)
+            .arg(id)
+            .arg("-o")
+            .arg(&output)
+            .arg("--json")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        Ok(Self {
+            child,
+            node: node.name.clone(),
+            output,
+            started: Instant::now(),
+        })
+    }
+
+    /// Waits (bounded) for the report; also returns the wall time since the spawn.
+    pub fn wait(mut self, timeout: Duration) -> Result<(Value, Duration)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                let elapsed = self.started.elapsed();
+                let mut out = String::new();
+                let mut err = String::new();
+                if let Some(mut o) = self.child.stdout.take() {
+                    o.read_to_string(&mut out)?;
+                }
+                if let Some(mut e) = self.child.stderr.take() {
+                    e.read_to_string(&mut err)?;
+                }
+                if !status.success() {
+                    bail!("meshnode get on {} failed ({status}): {err}", self.node);
+                }
+                let v: Value = serde_json::from_str(out.trim())
+                    .with_context(|| format!("report of {}: {out:?}", self.node))?;
+                return Ok((v, elapsed));
+            }
+            if Instant::now() > deadline {
+                bail!("meshnode get on {} took longer than {timeout:?}", self.node);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `(node, peer, path)` for every pair of `nodes` whose link is not up (relay or direct)
+/// yet, as the nodes' status says.
+pub fn links_down(nodes: &[&peermesh_tests::Node]) -> Vec<(String, String, String)> {
+    let mut down = Vec::new();
+    for n in nodes {
+        let s = n.status();
+        for o in nodes.iter().filter(|o| o.name != n.name) {
+            let path = s
+                .as_ref()
+                .and_then(|s| {
+                    s["peers"]
+                        .as_array()?
+                        .iter()
+                        .find(|p| p["name"] == o.name.as_str())
+                        .and_then(|p| p["path"].as_str().map(String::from))
+                })
+                .unwrap_or_else(|| "unlisted".into());
+            if path != "relay" && path != "direct" {
+                down.push((n.name.clone(), o.name.clone(), path));
+            }
+        }
+    }
+    down
+}
+
+/// Waits until every node lists all the others with a link up (relay or direct); on
+/// timeout the error lists the links that are not up.
+pub fn wait_mesh(nodes: &[&peermesh_tests::Node], timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let down = links_down(nodes);
+        if down.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "after {timeout:?}, {} links are not up: {:?}",
+                down.len(),
+                &down[..down.len().min(20)]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
