@@ -1,0 +1,319 @@
+//! Shared by `tests/session.rs`, `benches/session.rs` and the multiplayer
+//! example: the origin (`hosting-server`) with its session endpoint as a
+//! process on loopback, a group of nodes with links up, and players that
+//! drive their node's session over its status socket.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use peermesh_node::session::ops::SessionClient;
+use peermesh_node::session::state::SessionView;
+use peermesh_tests::{free_port, wait_for, Bins, Lab, Node, Relay};
+use serde_json::Value;
+
+/// Button bits of the game (see `peermesh_hosting_server::session::game::Buttons`).
+pub const UP: u8 = 1;
+pub const DOWN: u8 = 2;
+pub const LEFT: u8 = 4;
+pub const RIGHT: u8 = 8;
+
+/// `hosting-server`, built in the profile of the running test or bench.
+pub fn hosting_server_bin() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let meshnode = &Bins::get().meshnode;
+        let dir = meshnode.parent().expect("bin dir").to_path_buf();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = option_env!("CARGO").unwrap_or("cargo");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace");
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace).args([
+            "build",
+            "--quiet",
+            "-p",
+            "peermesh-hosting-server",
+            "--bins",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().expect("cargo build").success(),
+            "building hosting-server failed"
+        );
+        dir.join("hosting-server")
+    })
+}
+
+/// A running `hosting-server serve` on loopback, with its session endpoint.
+pub struct SessionOrigin {
+    child: Child,
+    pub http: SocketAddr,
+    pub udp: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Drop for SessionOrigin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl SessionOrigin {
+    /// Starts the origin with an empty content directory under `dir`;
+    /// `extra` are more `serve` flags (`--tick-hz 60`, `--relay-inputs`).
+    pub fn start(dir: &Path, extra: &[&str]) -> Result<Self> {
+        let content = dir.join("origin-content");
+        std::fs::create_dir_all(&content)?;
+        let log = dir.join("hosting-server.log");
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(hosting_server_bin())
+            .arg("serve")
+            .arg("--listen")
+            .arg(http.to_string())
+            .arg("--content")
+            .arg(&content)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("spawning hosting-server")?;
+        let mut origin = Self {
+            child,
+            http,
+            udp: http,
+            log,
+        };
+        let udp = wait_for(
+            Duration::from_secs(60),
+            "the origin's session endpoint",
+            || {
+                let text = std::fs::read_to_string(&origin.log).ok()?;
+                let line = text
+                    .lines()
+                    .find(|l| l.starts_with("hosting-server sessions on udp "))?;
+                line.rsplit(' ').next()?.parse::<SocketAddr>().ok()
+            },
+        )?;
+        origin.udp = udp;
+        Ok(origin)
+    }
+
+    /// `GET /sessions`.
+    pub fn sessions(&self) -> Result<Value> {
+        let mut s = TcpStream::connect_timeout(&self.http, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "GET /sessions HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.http
+        )?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        let end = buf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .context("no end of headers")?;
+        let head = String::from_utf8_lossy(&buf[..end]);
+        ensure!(head.starts_with("HTTP/1.1 200"), "GET /sessions: {head}");
+        Ok(serde_json::from_slice(&buf[end + 4..])?)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A control server, a relay and `n` nodes whose links to each other are up.
+pub struct Group {
+    pub lab: Lab,
+    pub relay: Relay,
+    pub nodes: Vec<Node>,
+}
+
+pub fn group(n: usize, link_timeout: Duration) -> Result<Group> {
+    let mut lab = Lab::start()?;
+    lab.server.create_group("game")?;
+    let relay = lab.relay("r1")?;
+    let names: Vec<String> = (1..=n).map(|i| format!("p{i}")).collect();
+    let mut nodes = Vec::new();
+    for name in &names {
+        let t = lab.server.token("game")?;
+        nodes.push(lab.node(name, Some(&t), &[])?);
+    }
+    for node in &nodes {
+        let others: Vec<&str> = names
+            .iter()
+            .filter(|x| **x != node.name)
+            .map(|s| s.as_str())
+            .collect();
+        node.wait_peers(&others, link_timeout)?;
+        for o in &others {
+            wait_for(
+                link_timeout,
+                &format!("a link {} → {o}", node.name),
+                || {
+                    let p = node.path_to(o)?;
+                    (p != "connecting").then_some(())
+                },
+            )?;
+        }
+    }
+    Ok(Group { lab, relay, nodes })
+}
+
+impl Group {
+    /// Waits until every link is direct.
+    pub fn wait_direct(&self, timeout: Duration) -> Result<()> {
+        for a in &self.nodes {
+            for b in &self.nodes {
+                if a.name != b.name {
+                    wait_for(
+                        timeout,
+                        &format!("a direct path {} → {}", a.name, b.name),
+                        || (a.path_to(&b.name)? == "direct").then_some(()),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every link's path, "a→b: path".
+    pub fn paths(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for a in &self.nodes {
+            for b in &self.nodes {
+                if a.name != b.name {
+                    let p = a.path_to(&b.name).unwrap_or_else(|| "?".into());
+                    out.push(format!("{}→{}: {p}", a.name, b.name));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What a player does for a while.
+#[derive(Clone, Copy, Debug)]
+pub enum Phase {
+    /// New random buttons every 50..`max_ms` ms.
+    Random { secs: f64, max_ms: u64 },
+    /// Hold these buttons.
+    Hold { secs: f64, buttons: u8 },
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// The session that players join, and the barrier that keeps their phases in step.
+pub struct Game {
+    /// The origin's session endpoint.
+    pub origin: SocketAddr,
+    pub session: String,
+    pub players: usize,
+    pub barrier: tokio::sync::Barrier,
+}
+
+impl Game {
+    pub fn new(origin: SocketAddr, session: &str, players: usize) -> Arc<Self> {
+        Arc::new(Self {
+            origin,
+            session: session.to_string(),
+            players,
+            barrier: tokio::sync::Barrier::new(players),
+        })
+    }
+}
+
+/// A player: joins the game's session on the origin through the node whose
+/// status socket is `socket`, waits until all players are in the roster,
+/// plays the phases (in step with the other players: every phase starts
+/// after all finished the previous one) and returns its node's view at the
+/// end of each phase.
+pub async fn play(
+    name: &str,
+    socket: &Path,
+    game: &Game,
+    phases: Vec<Phase>,
+    seed: u64,
+) -> Result<Vec<SessionView>> {
+    let (origin, session, players, barrier) =
+        (game.origin, &game.session, game.players, &game.barrier);
+    let mut c = SessionClient::connect(socket).await?;
+    let joined = c.join(&origin.to_string(), session).await?;
+    let start = Instant::now();
+    loop {
+        let v = c.view(false).await?;
+        if v.peers.len() + 1 == players && v.snapshots > 0 {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "{} (slot {}) sees {} of {players} players",
+                name,
+                joined.slot,
+                v.peers.len() + 1
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut rng = seed | 1;
+    let mut views = Vec::new();
+    for phase in phases {
+        barrier.wait().await;
+        match phase {
+            Phase::Random { secs, max_ms } => {
+                let end = Instant::now() + Duration::from_secs_f64(secs);
+                while Instant::now() < end {
+                    c.set_buttons((xorshift(&mut rng) % 16) as u8).await?;
+                    let ms = 50 + xorshift(&mut rng) % max_ms.saturating_sub(50).max(1);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+            }
+            Phase::Hold { secs, buttons } => {
+                c.set_buttons(buttons).await?;
+                tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            }
+        }
+        views.push(c.view(true).await?);
+    }
+    barrier.wait().await;
+    Ok(views)
+}
+
+/// Nearest-rank percentile of µs samples, in ms.
+pub fn percentile_ms(samples: &mut [u32], q: f64) -> Option<f64> {
+    samples.sort_unstable();
+    peermesh_node::session::state::percentile(samples, q)
+}
+
+/// Waits until `node` (in the NAT lab) has a link to `peer` that carries
+/// traffic (relay, direct or forwarded through a member); returns the path.
+pub fn wait_path(
+    node: &peermesh_tests::meshlab::MeshNode,
+    peer: &str,
+    timeout: Duration,
+) -> Result<String> {
+    wait_for(timeout, &format!("a link {} → {peer}", node.name), || {
+        let p = node.path_to(peer)?;
+        (p != "connecting").then_some(p)
+    })
+}
