@@ -16,6 +16,10 @@ pub enum ControlError {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("storage: {0}")]
     Storage(#[from] sled::Error),
     #[error("stored record is corrupt: {0}")]
@@ -43,6 +47,8 @@ impl From<ControlError> for Status {
             ControlError::NotFound(_) => Code::NotFound,
             ControlError::AlreadyExists(_) => Code::AlreadyExists,
             ControlError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ControlError::Unavailable(_) => Code::Unavailable,
+            ControlError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ControlError::Storage(_) | ControlError::Corrupt(_) => {
                 tracing::error!(error = %err, "internal error");
                 Code::Internal

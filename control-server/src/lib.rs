@@ -13,9 +13,11 @@ pub mod api;
 pub mod error;
 pub mod registry;
 pub mod relays;
+pub mod rendezvous;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod stun;
 pub mod validate;
 
 pub use error::ControlError;

@@ -38,6 +38,13 @@ enum Command {
         /// Data directory: the sled database and admin.token.
         #[arg(long, default_value = "./control-data")]
         data: PathBuf,
+        /// Answer STUN for NAT behaviour discovery at this address:port
+        /// (with --stun-alt; four UDP sockets: both addresses × both ports).
+        #[arg(long, requires = "stun_alt")]
+        stun: Option<SocketAddr>,
+        /// The alternate address:port (another address and another port).
+        #[arg(long, requires = "stun")]
+        stun_alt: Option<SocketAddr>,
     },
     /// Administer a running server.
     Admin {
@@ -136,9 +143,14 @@ fn init_tracing() {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { listen, data } => {
+        Command::Serve {
+            listen,
+            data,
+            stun,
+            stun_alt,
+        } => {
             init_tracing();
-            serve(listen, &data).await
+            serve(listen, &data, stun.zip(stun_alt)).await
         }
         Command::Admin {
             server,
@@ -166,10 +178,20 @@ async fn main() -> Result<()> {
     }
 }
 
-async fn serve(listen: SocketAddr, data: &Path) -> Result<()> {
-    let server = Server::bind(listen, data)
+async fn serve(
+    listen: SocketAddr,
+    data: &Path,
+    stun: Option<(SocketAddr, SocketAddr)>,
+) -> Result<()> {
+    let mut server = Server::bind(listen, data)
         .await
         .context("starting the control server")?;
+    if let Some((primary, alternate)) = stun {
+        server = server
+            .with_stun(primary, alternate)
+            .await
+            .context("starting STUN")?;
+    }
     let addr = server.local_addr()?;
     tracing::info!(%addr, data = %data.display(), server_id = server.registry.server_id(), "control server listening");
     // A line that scripts and tests can wait for.
@@ -240,6 +262,19 @@ fn path_name(p: i32) -> &'static str {
         Ok(PathKind::Direct) => "direct",
         Ok(PathKind::Forwarded) => "forwarded",
         _ => "unknown",
+    }
+}
+
+/// A NAT report in a few words: mapping/filtering, stride if sequential.
+fn nat_words(r: Option<&peermesh_proto::api::NatReport>) -> String {
+    match r {
+        None => "-".into(),
+        Some(r) if !r.udp => "UDP blocked".into(),
+        Some(r) if r.no_nat => "no NAT".into(),
+        Some(r) if r.mapping == "sequential" => {
+            format!("sequential({:+})/{}", r.port_stride, r.filtering)
+        }
+        Some(r) => format!("{}/{}", r.mapping, r.filtering),
     }
 }
 
@@ -407,23 +442,31 @@ async fn admin(url: &str, credential: &str, action: AdminAction) -> Result<()> {
                         json!({"id": n.node_id, "name": n.name, "group": n.group,
                                "state": state_name(n.state), "online": n.online,
                                "addresses": n.addresses, "joined_ms": n.joined_ms,
-                               "last_seen_ms": n.last_seen_ms, "token_id": n.token_id})
+                               "last_seen_ms": n.last_seen_ms, "token_id": n.token_id,
+                               "mesh_ipv4": n.mesh_ipv4, "mesh_ipv6": n.mesh_ipv6,
+                               "nat": n.nat.as_ref().map(|r| json!({
+                                   "udp": r.udp, "public": r.public_endpoint, "no_nat": r.no_nat,
+                                   "mapping": r.mapping, "port_stride": r.port_stride,
+                                   "filtering": r.filtering, "measured_ms": r.measured_ms}))})
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "{:<16} {:<20} {:<54} {:<8} {:<8} LAST SEEN",
-                    "GROUP", "NAME", "ID", "STATE", "ONLINE"
+                    "{:<16} {:<20} {:<54} {:<8} {:<8} {:<15} {:<39} {:<28} LAST SEEN",
+                    "GROUP", "NAME", "ID", "STATE", "ONLINE", "MESH IPV4", "MESH IPV6", "NAT"
                 );
                 for n in &nodes {
                     println!(
-                        "{:<16} {:<20} {:<54} {:<8} {:<8} {}",
+                        "{:<16} {:<20} {:<54} {:<8} {:<8} {:<15} {:<39} {:<28} {}",
                         n.group,
                         n.name,
                         n.node_id,
                         state_name(n.state),
                         if n.online { "yes" } else { "no" },
+                        n.mesh_ipv4,
+                        n.mesh_ipv6,
+                        nat_words(n.nat.as_ref()),
                         relative(n.last_seen_ms)
                     );
                 }

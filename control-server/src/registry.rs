@@ -274,6 +274,8 @@ pub struct Registry {
     limits: Limits,
     hubs: Mutex<HashMap<String, Arc<GroupHub>>>,
     pub(crate) relays: RelayDirectory,
+    /// Mesh (TUN) addresses in use; a leaf lock, taken under a hub's.
+    mesh_addrs: Mutex<mesh_addr::MeshAddrs>,
 }
 
 fn peer_of(n: &NodeRecord, online: bool) -> Peer {
@@ -285,6 +287,8 @@ fn peer_of(n: &NodeRecord, online: bool) -> Peer {
         online,
         last_seen_ms: n.last_seen_ms,
         joined_ms: n.joined_ms,
+        mesh_ipv4: n.mesh_ipv4.clone(),
+        mesh_ipv6: n.mesh_ipv6.clone(),
     }
 }
 
@@ -343,6 +347,7 @@ impl Registry {
             }
         };
         let registry = Self {
+            mesh_addrs: Mutex::new(mesh_addr::MeshAddrs::new(&server_id)),
             store,
             server_id,
             clock,
@@ -356,7 +361,10 @@ impl Registry {
                 let hub = registry.new_hub(&g.name);
                 hubs.insert(g.name, hub);
             }
-            for n in registry.store.nodes()? {
+            for mut n in registry.store.nodes()? {
+                if registry.assign_mesh_addrs(&mut n) {
+                    registry.store.put_node(&n)?;
+                }
                 let Some(hub) = hubs.get(&n.group) else {
                     tracing::warn!(node = %n.node_id, group = %n.group, "node of an unknown group; ignored");
                     continue;
@@ -384,6 +392,24 @@ impl Registry {
 
     pub(crate) fn now(&self) -> u64 {
         (self.clock)()
+    }
+
+    /// Gives `n` its mesh addresses (keeping the ones it holds); true when
+    /// the record changed and must be stored.
+    fn assign_mesh_addrs(&self, n: &mut NodeRecord) -> bool {
+        let mut m = self.mesh_addrs.lock().unwrap_or_else(|p| p.into_inner());
+        if m.claim(&n.node_id, &n.mesh_ipv4) && !n.mesh_ipv6.is_empty() {
+            return false;
+        }
+        let (v4, v6) = match n.mesh_ipv4.parse() {
+            // Claimed above, only the IPv6 half was missing.
+            Ok(v4) if m.claim(&n.node_id, &n.mesh_ipv4) => (v4, m.v6(&n.node_id, v4)),
+            _ => m.allocate(&n.node_id),
+        };
+        tracing::info!(node = %n.node_id, %v4, %v6, "mesh addresses assigned");
+        n.mesh_ipv4 = v4.to_string();
+        n.mesh_ipv6 = v6.to_string();
+        true
     }
 
     fn hubs_lock(&self) -> MutexGuard<'_, HashMap<String, Arc<GroupHub>>> {
@@ -657,6 +683,9 @@ impl Registry {
                     joined_ms: n.joined_ms,
                     last_seen_ms: n.last_seen_ms,
                     token_id: n.token_id,
+                    mesh_ipv4: n.mesh_ipv4,
+                    mesh_ipv6: n.mesh_ipv6,
+                    nat: n.nat,
                 }
             })
             .collect())
@@ -710,6 +739,10 @@ impl Registry {
             self.store.purge_sessions(Some(node_id), self.now())?;
             self.store.delete_links_of(node_id)?;
             st.names.remove(&rec.name);
+            self.mesh_addrs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .release(node_id, &rec.mesh_ipv4);
             hub.publish(&mut st, Change::Remove(node_id.to_string(), reason));
         }
         self.store.flush().await?;
@@ -846,6 +879,7 @@ impl Registry {
             self.store.clear_tombstone(&node_id)?;
             rec.last_auth_ms = req.timestamp_ms;
             rec.last_seen_ms = now;
+            self.assign_mesh_addrs(&mut rec);
             self.store.put_node(&rec)?;
             let online = st.watchers.get(&node_id).is_some_and(|c| *c > 0);
             hub.publish(&mut st, Change::Upsert(peer_of(&rec, online)));
@@ -966,6 +1000,7 @@ impl Registry {
                     .filter(|p| p.node_id != ctx.node_id)
                     .cloned()
                     .collect(),
+                stun: None,
                 relays: st.relays.to_vec(),
             })),
         })
@@ -1015,6 +1050,17 @@ impl Registry {
         self.snapshot(&st, ctx)
     }
 
+    /// A member of the caller's group as peers see it (with `online`), or
+    /// NOT_FOUND: members of other groups do not exist for the caller.
+    pub fn member(&self, ctx: &NodeCtx, node_id: &str) -> Result<Peer> {
+        let hub = self.hub(&ctx.group)?;
+        let st = hub.lock();
+        st.members
+            .get(node_id)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(format!("no node {node_id:?} in this group")))
+    }
+
     fn watch_closed(&self, group: &str, node_id: &str) {
         let Ok(hub) = self.hub(group) else { return };
         let mut st = hub.lock();
@@ -1061,6 +1107,54 @@ impl Registry {
             self.store.put_node(&rec)?;
             let online = st.watchers.get(&ctx.node_id).is_some_and(|c| *c > 0);
             hub.publish(&mut st, Change::Upsert(peer_of(&rec, online)));
+        }
+        self.store.flush().await?;
+        Ok(())
+    }
+
+    /// Keeps the caller's NAT behaviour (seed 003) in its record, where
+    /// `admin nodes` shows it. Not a change of the map: nothing is published.
+    pub async fn report_nat(&self, ctx: &NodeCtx, mut report: api::NatReport) -> Result<()> {
+        let known = [
+            "",
+            "endpoint_independent",
+            "address_dependent",
+            "address_and_port_dependent",
+            "sequential",
+            "random",
+        ];
+        if !known.contains(&report.mapping.as_str()) || !known.contains(&report.filtering.as_str())
+        {
+            return Err(ControlError::invalid(format!(
+                "unknown NAT behaviour {:?}/{:?}",
+                report.mapping, report.filtering
+            )));
+        }
+        validate::bytes_limit(
+            "public_endpoint",
+            report.public_endpoint.len(),
+            validate::MAX_ADDRESS_LEN,
+        )?;
+        if !report.public_endpoint.is_empty()
+            && report
+                .public_endpoint
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(ControlError::invalid("public_endpoint is not host:port"));
+        }
+        report.measured_ms = self.now();
+        let hub = self.hub(&ctx.group)?;
+        {
+            let _st = hub.lock();
+            let mut rec = self
+                .store
+                .node(&ctx.node_id)?
+                .filter(|n| n.state == NodeState::Active as i32)
+                .ok_or_else(|| ControlError::PermissionDenied("node is not active".into()))?;
+            tracing::info!(node = %ctx.node_id, mapping = %report.mapping, stride = report.port_stride, filtering = %report.filtering, udp = report.udp, "NAT behaviour reported");
+            rec.nat = Some(report);
+            self.store.put_node(&rec)?;
         }
         self.store.flush().await?;
         Ok(())
@@ -1140,6 +1234,8 @@ fn unique_name(names: &HashMap<String, String>, base: &str, node_id: &str) -> St
         .find(|n| free(n))
         .expect("an unbounded counter finds a free name")
 }
+
+pub mod mesh_addr;
 
 #[cfg(test)]
 mod tests;

@@ -18,6 +18,17 @@ use crate::{secrets, validate};
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
+/// Stops the STUN tasks with the server.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("data directory {path}: {source}")]
@@ -78,6 +89,7 @@ pub struct Server {
     pub registry: Arc<Registry>,
     listener: TcpListener,
     admin_credential: String,
+    stun: Option<crate::stun::StunServer>,
 }
 
 impl Server {
@@ -103,7 +115,20 @@ impl Server {
             registry,
             listener,
             admin_credential,
+            stun: None,
         })
+    }
+
+    /// Also answers STUN for NAT behaviour discovery (seed 003) on
+    /// `primary` and `alternate` (different addresses and ports; four
+    /// sockets), and tells nodes so.
+    pub async fn with_stun(
+        mut self,
+        primary: SocketAddr,
+        alternate: SocketAddr,
+    ) -> Result<Self, crate::stun::StunServeError> {
+        self.stun = Some(crate::stun::StunServer::bind(primary, alternate).await?);
+        Ok(self)
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -115,8 +140,18 @@ impl Server {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
-        let node = NodeControlServer::new(NodeApi::new(self.registry.clone()))
-            .max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
+        let mut node_api = NodeApi::new(self.registry.clone());
+        let _stun_tasks = match self.stun {
+            Some(stun) => {
+                let (primary, alternate) = stun.endpoints();
+                tracing::info!(%primary, %alternate, "STUN (NAT behaviour discovery) listening");
+                node_api = node_api.with_stun(primary, alternate);
+                AbortOnDrop(stun.spawn())
+            }
+            None => AbortOnDrop(Vec::new()),
+        };
+        let node =
+            NodeControlServer::new(node_api).max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
         let relay = RelayControlServer::new(RelayApi::new(self.registry.clone()))
             .max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
         let admin = AdminServer::new(AdminApi::new(self.registry.clone(), &self.admin_credential))

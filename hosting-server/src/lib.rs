@@ -16,6 +16,9 @@
 //! Note that `ServeDir` follows symbolic links, so a link inside the content directory that
 //! points outside it is served: do not put such links there.
 
+pub mod content;
+pub mod session;
+
 use std::future::{poll_fn, Future};
 use std::path::PathBuf;
 use std::pin::Pin;

@@ -24,6 +24,9 @@ enum Command {
     /// GET and HEAD with byte ranges, Last-Modified/If-Modified-Since, a strong ETag with
     /// If-None-Match/If-Match, and If-Range. GET /healthz answers "ok". Stops on SIGTERM or
     /// ctrl-c, letting requests in flight finish.
+    ///
+    /// Every file is also published as a manifest of 256 KiB BLAKE3 chunks for the mesh:
+    /// GET /content (list), /content/{id}/manifest, /chunks/{hash}, /stats.
     Serve(ServeArgs),
 }
 
@@ -39,6 +42,20 @@ struct ServeArgs {
     /// server comes in a later version; for now it is only logged.
     #[arg(long, value_name = "URL")]
     control: Option<String>,
+    /// UDP address of the multiplayer session endpoint; defaults to the IP and port that
+    /// --listen ends up with (UDP beside the TCP port).
+    #[arg(long, value_name = "ADDR")]
+    sessions: Option<SocketAddr>,
+    /// Ticks per second of every multiplayer session.
+    #[arg(long, default_value_t = 30)]
+    tick_hz: u16,
+    /// Players per session (at most 32).
+    #[arg(long, default_value_t = 16)]
+    max_players: usize,
+    /// Also forward each member's inputs to the other members at once (the "through the
+    /// origin" route, for comparison with the mesh).
+    #[arg(long)]
+    relay_inputs: bool,
 }
 
 fn init_tracing() {
@@ -72,6 +89,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tracing::warn!(%control, "--control is not used yet: this server does not register with the control server");
     }
 
+    // Content manifests and chunks (src/content.rs): every file is hashed once at start.
+    let scan_dir = content.clone();
+    let index = tokio::task::spawn_blocking(move || {
+        peermesh_hosting_server::content::ContentIndex::scan(&scan_dir)
+    })
+    .await
+    .context("scanning the content directory")??;
+    let index = std::sync::Arc::new(index);
+
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -80,8 +106,32 @@ async fn serve(args: ServeArgs) -> Result<()> {
     tracing::info!(%addr, content = %content.display(), "hosting server listening");
     // A line that scripts and tests can wait for.
     println!("hosting-server listening on {addr}");
+    // Multiplayer sessions (src/session.rs): UDP, beside the HTTP port unless told otherwise
+    // (when that UDP port is taken, any free one: the line below says which).
+    let session_config = peermesh_hosting_server::session::SessionConfig {
+        tick_hz: args.tick_hz,
+        max_players: args.max_players,
+        relay_inputs: args.relay_inputs,
+        ..Default::default()
+    };
+    use peermesh_hosting_server::session::SessionServer;
+    let sessions = match args.sessions {
+        Some(at) => SessionServer::bind(at, session_config).await,
+        None => match SessionServer::bind(addr, session_config.clone()).await {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "UDP port of --listen is taken; sessions on another port");
+                SessionServer::bind(std::net::SocketAddr::new(addr.ip(), 0), session_config).await
+            }
+        },
+    }
+    .context("binding the session endpoint")?;
+    println!("hosting-server sessions on udp {}", sessions.local_addr());
 
-    axum::serve(listener, peermesh_hosting_server::router(content))
+    let app = peermesh_hosting_server::router(content)
+        .merge(peermesh_hosting_server::content::routes(index))
+        .merge(sessions.routes());
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving HTTP")?;

@@ -37,6 +37,11 @@ pub struct NodeConfig {
     pub link_report_interval: Duration,
     /// UDP address for the mesh's QUIC endpoint.
     pub listen: SocketAddr,
+    /// How direct paths are punched.
+    pub punch: mesh::PunchMode,
+    /// Whether this node forwards traffic between members that have no
+    /// direct path to each other (seed 004).
+    pub forward: bool,
 }
 
 impl NodeConfig {
@@ -49,6 +54,8 @@ impl NodeConfig {
             advertise: Vec::new(),
             link_report_interval: Duration::from_secs(5),
             listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            punch: mesh::PunchMode::Control,
+            forward: true,
         }
     }
 }
@@ -67,6 +74,8 @@ struct LinkState {
 impl LinkState {
     fn apply(&mut self, s: &LinkStatus) {
         self.path = s.path;
+        self.via = s.via.map(|v| v.to_string());
+        self.loss = s.loss;
         self.rtt_ms = s.rtt_ms;
         self.bytes_in = s.bytes_in;
         self.bytes_out = s.bytes_out;
@@ -156,6 +165,24 @@ pub struct Node {
     /// and local addresses); published with `advertise`.
     reachable: Vec<String>,
     endpoints_dirty: bool,
+    /// NAT behaviour, once measured; reported again on every new session.
+    nat: Option<crate::nat_discovery::NatBehavior>,
+    nat_started: bool,
+    stun_primary: Option<SocketAddr>,
+    /// Punches asked for while discovery still runs.
+    deferred_punches: Vec<libp2p::PeerId>,
+    /// The port predictor once discovery is done (`None` inside: no
+    /// prediction); `None` while it runs.
+    predictor_tx: watch::Sender<Option<Option<(SocketAddr, i32)>>>,
+    /// Discovery's result; `None`: it could not run.
+    nat_tx: mpsc::Sender<Option<crate::nat_discovery::NatBehavior>>,
+    nat_rx: mpsc::Receiver<Option<crate::nat_discovery::NatBehavior>>,
+    /// The virtual interface, started by [`Self::run`] (`up --tun`).
+    tun: Option<crate::tun::TunService>,
+    /// Content distribution (`up` starts it; `meshnode get` reaches it via the socket).
+    content: Option<crate::content::ContentHandle>,
+    /// Multiplayer sessions (`up` starts it; game processes use it via the socket).
+    session: Option<crate::session::SessionHandle>,
 }
 
 impl Node {
@@ -241,8 +268,13 @@ impl Node {
             },
             map_version: 0,
             peers: Vec::new(),
+            mesh_ipv4: None,
+            mesh_ipv6: None,
+            tun: None,
+            nat: None,
         });
-        let mut mesh = mesh::spawn(keypair, config.listen)?;
+        let (nat_tx, nat_rx) = mpsc::channel(1);
+        let mut mesh = mesh::spawn(keypair, config.listen, config.punch, config.forward)?;
         let mut mesh_inboxes = std::mem::replace(
             &mut mesh.inboxes,
             mesh::channel::Inboxes {
@@ -270,6 +302,16 @@ impl Node {
                 inboxes: mesh_inboxes,
                 reachable: Vec::new(),
                 endpoints_dirty: true,
+                tun: None,
+                content: None,
+                session: None,
+                nat: None,
+                nat_started: false,
+                stun_primary: None,
+                deferred_punches: Vec::new(),
+                predictor_tx: watch::Sender::new(None),
+                nat_tx,
+                nat_rx,
             },
             listener,
         ))
@@ -292,6 +334,20 @@ impl Node {
         }
     }
 
+    pub fn attach_content(&mut self, content: crate::content::ContentHandle) {
+        self.content = Some(content);
+    }
+
+    pub fn attach_session(&mut self, session: crate::session::SessionHandle) {
+        self.session = Some(session);
+    }
+
+    /// Runs `tun` with this node (from [`Self::run`] on): it takes the IP
+    /// channel's inbox.
+    pub fn attach_tun(&mut self, tun: crate::tun::TunService) {
+        self.tun = Some(tun);
+    }
+
     /// The queue of messages from peers on `ch`, for the service that runs
     /// it; taken once. Call before [`Self::run`].
     pub fn take_inbox(
@@ -308,7 +364,28 @@ impl Node {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
         let socket = self.state.socket_path();
+        let tun_info = match (
+            self.tun.take(),
+            self.inboxes.take(mesh::channel::Channel::Ip),
+        ) {
+            (Some(tun), Some(inbox)) => {
+                let info = tun.info();
+                tokio::spawn(tun.run(self.mesh_client(), inbox));
+                Some(info)
+            }
+            (None, inbox) => {
+                drop(inbox);
+                None
+            }
+            (Some(_), None) => {
+                tracing::error!("the IP channel is taken by another service; no TUN interface");
+                None
+            }
+        };
         let ctx = status::Ctx {
+            tun: tun_info,
+            content: self.content.clone(),
+            session: self.session.clone(),
             view: self.view.subscribe(),
             mesh: self.mesh.clone(),
             inbox: self.inbox.clone(),
@@ -369,7 +446,24 @@ impl Node {
             MeshEvent::Reachable(addrs) => {
                 tracing::info!(addresses = ?addrs, "reachable at");
                 self.reachable = addrs.iter().map(|a| a.to_string()).collect();
+                // Never this node's mesh (TUN) addresses: a path to one
+                // would run through the mesh itself.
+                if let Some(me) = &self.map.self_node {
+                    self.reachable
+                        .retain(|a| !crate::tun::is_mesh_endpoint(a, &me.mesh_ipv4, &me.mesh_ipv6));
+                }
                 self.endpoints_dirty = true;
+            }
+            MeshEvent::PunchWanted(peer) => {
+                // A punch before discovery knows the NAT would open a
+                // mapping that prediction then cannot name: wait for it.
+                if self.nat_started && self.nat.is_none() {
+                    if !self.deferred_punches.contains(&peer) {
+                        self.deferred_punches.push(peer);
+                    }
+                } else {
+                    self.request_punch(peer);
+                }
             }
             MeshEvent::Link(peer, s) => {
                 let id = peer.to_string();
@@ -382,6 +476,139 @@ impl Node {
                 self.publish();
             }
         }
+    }
+
+    /// Runs NAT behaviour discovery once, when a full map names the
+    /// server's STUN endpoints.
+    fn maybe_discover_nat(&mut self, update: &peermesh_proto::api::NetworkMapUpdate) {
+        use peermesh_proto::api::network_map_update::Kind;
+        let Some(Kind::Full(m)) = &update.kind else {
+            return;
+        };
+        let Some(stun) = &m.stun else { return };
+        if self.nat_started {
+            return;
+        }
+        let Ok(primary) = stun.primary.parse::<SocketAddr>() else {
+            tracing::warn!(primary = %stun.primary, "the server's STUN endpoint is not host:port");
+            return;
+        };
+        self.stun_primary = Some(primary);
+        self.nat_started = true;
+        let tx = self.nat_tx.clone();
+        tokio::spawn(async move {
+            match crate::nat_discovery::run(primary).await {
+                Ok(nat) => {
+                    let _ = tx.send(Some(nat)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "NAT discovery could not run");
+                    let _ = tx.send(None).await;
+                }
+            }
+        });
+    }
+
+    /// Where and by how much to predict this node's next public port: set
+    /// once discovery found a sequential symmetric NAT (seed 003).
+    fn predictor(&self) -> Option<(SocketAddr, i32)> {
+        match self.nat.as_ref()?.mapping? {
+            crate::nat_discovery::Mapping::Sequential { stride } => {
+                Some((self.stun_primary?, stride))
+            }
+            _ => None,
+        }
+    }
+
+    /// This node's direct candidates for a punch, freshest (observed) first.
+    fn punch_candidates(&self) -> Vec<String> {
+        self.reachable
+            .iter()
+            .chain(&self.advertise)
+            .filter(|a| !a.contains("/p2p-circuit"))
+            .cloned()
+            .collect()
+    }
+
+    /// The caller's part of a coordinated punch (seed 002): ask the server,
+    /// which returns once the peer has opened its NAT, then dial. Runs
+    /// beside the session so the map keeps flowing meanwhile.
+    fn request_punch(&self, peer: libp2p::PeerId) {
+        let mut client = self.client.clone();
+        let mesh = self.mesh.clone();
+        let candidates = self.punch_candidates();
+        let predictor = self.predictor();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let candidates = with_predictions(candidates, predictor, PREDICTION_WINDOW).await;
+            match client.request_punch(&peer.to_string(), candidates).await {
+                Ok(r) => {
+                    let addrs = parse_addrs(&r.peer_candidates);
+                    tracing::info!(%peer, punch = r.punch_id, candidates = addrs.len(), rendezvous_ms = started.elapsed().as_secs_f64() * 1e3, "punch: peer is open; dialing");
+                    let _ = mesh
+                        .send(MeshCommand::Punch {
+                            peer,
+                            addrs,
+                            open_first: false,
+                            started: None,
+                        })
+                        .await;
+                }
+                Err(s) => {
+                    tracing::debug!(%peer, code = ?s.code(), error = %s.message(), "punch request refused")
+                }
+            }
+        });
+    }
+
+    /// The callee's part: open towards the caller, then tell the server.
+    async fn answer_punch(&self, p: peermesh_proto::api::PunchInstruction) {
+        let Ok(peer) = p.peer_id.parse::<libp2p::PeerId>() else {
+            tracing::debug!(peer = %p.peer_id, "punch instruction for a malformed peer id");
+            return;
+        };
+        let addrs = parse_addrs(&p.peer_candidates);
+        tracing::info!(%peer, punch = p.punch_id, candidates = addrs.len(), "punch: opening towards the caller");
+        let mesh = self.mesh.clone();
+        let mut client = self.client.clone();
+        let candidates = self.punch_candidates();
+        let mut known = self.predictor_tx.subscribe();
+        let discovering = self.nat_started && self.nat.is_none();
+        let predictor = self.predictor();
+        tokio::spawn(async move {
+            // As for the caller: no opening packet before the NAT is known
+            // (within the caller's patience).
+            let predictor = if discovering {
+                let wait = known.wait_for(|p| p.is_some());
+                match tokio::time::timeout(Duration::from_millis(2500), wait).await {
+                    Ok(Ok(p)) => p.flatten(),
+                    _ => None,
+                }
+            } else {
+                predictor
+            };
+            // Probe before opening: each opening packet to a new candidate
+            // takes the next mapping of a sequential NAT, so the window
+            // covers as many of them as we open (and a few others' flows).
+            let window = addrs.len() + PREDICTION_WINDOW / 2;
+            let candidates = with_predictions(candidates, predictor, window).await;
+            let (started, opened) = tokio::sync::oneshot::channel();
+            let _ = mesh
+                .send(MeshCommand::Punch {
+                    peer,
+                    addrs,
+                    open_first: true,
+                    started: Some(started),
+                })
+                .await;
+            // The dial is under way once `opened` fires; its first opening
+            // packet leaves when the swarm next polls it, a moment later.
+            let _ = opened.await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            if let Err(s) = client.punch_ready(p.punch_id, candidates).await {
+                tracing::debug!(%peer, code = ?s.code(), error = %s.message(), "punch ready refused");
+            }
+        });
     }
 
     fn endpoints(&self) -> Vec<String> {
@@ -402,13 +629,41 @@ impl Node {
             return session_end(s);
         }
         self.endpoints_dirty = false;
+        if let Some(nat) = &self.nat {
+            if let Err(s) = self.client.report_nat(nat.to_proto()).await {
+                return session_end(s);
+            }
+        }
         let mut report = tokio::time::interval(self.link_report_interval);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut links_dirty = true;
         loop {
             tokio::select! {
+                Some(result) = self.nat_rx.recv() => {
+                    let Some(nat) = result else {
+                        // Punch without prediction from now on.
+                        self.nat_started = false;
+                        self.predictor_tx.send_replace(Some(None));
+                        for peer in std::mem::take(&mut self.deferred_punches) {
+                            self.request_punch(peer);
+                        }
+                        continue;
+                    };
+                    tracing::info!(nat = %nat.describe(), mapping = ?nat.mapping, filtering = ?nat.filtering, public = ?nat.public, "NAT behaviour");
+                    self.view.send_modify(|v| v.nat = Some(nat.clone()));
+                    let report = nat.to_proto();
+                    self.nat = Some(nat);
+                    self.predictor_tx.send_replace(Some(self.predictor()));
+                    for peer in std::mem::take(&mut self.deferred_punches) {
+                        self.request_punch(peer);
+                    }
+                    if let Err(s) = self.client.report_nat(report).await {
+                        return session_end(s);
+                    }
+                }
                 msg = stream.message() => match msg {
                     Ok(Some(update)) => {
+                        self.maybe_discover_nat(&update);
                         match self.map.apply(update) {
                             Ok(changes) => {
                                 if !self.view.borrow().control.connected {
@@ -485,6 +740,7 @@ impl Node {
                 MapChange::SelfUpdated(me) => {
                     self.membership.name = me.name.clone();
                 }
+                MapChange::Punch(p) => self.answer_punch(p).await,
                 MapChange::RelaysChanged => {
                     tracing::info!(relays = self.map.relays.len(), "relay directory");
                     let list = self
@@ -572,13 +828,18 @@ impl Node {
                     id: p.node_id.clone(),
                     name: p.name.clone(),
                     path: l.path,
-                    via: l.via,
+                    // A forwarding member by name; a relay server by id.
+                    via: l
+                        .via
+                        .map(|v| self.map.peers.get(&v).map_or(v, |m| m.name.clone())),
                     rtt_ms: l.rtt_ms,
                     loss: l.loss,
                     online: p.online,
                     addresses: p.addresses.clone(),
                     bytes_in: l.bytes_in,
                     bytes_out: l.bytes_out,
+                    mesh_ipv4: Some(p.mesh_ipv4.clone()).filter(|a| !a.is_empty()),
+                    mesh_ipv6: Some(p.mesh_ipv6.clone()).filter(|a| !a.is_empty()),
                 }
             })
             .collect();
@@ -589,9 +850,52 @@ impl Node {
             v.name = self.membership.name.clone();
             if let Some(me) = me {
                 v.addresses = me.addresses.clone();
+                v.mesh_ipv4 = Some(me.mesh_ipv4.clone()).filter(|a| !a.is_empty());
+                v.mesh_ipv6 = Some(me.mesh_ipv6.clone()).filter(|a| !a.is_empty());
             }
         });
     }
+}
+
+/// Predicted ports offered to a peer for one punch (seed 003).
+const PREDICTION_WINDOW: usize = 8;
+
+/// `candidates` with, first, the public endpoints a sequential NAT will give
+/// our next new mappings (probed just now), when `predictor` says it is one.
+async fn with_predictions(
+    mut candidates: Vec<String>,
+    predictor: Option<(SocketAddr, i32)>,
+    window: usize,
+) -> Vec<String> {
+    let Some((stun, stride)) = predictor else {
+        return candidates;
+    };
+    match crate::nat_discovery::probe(stun).await {
+        Ok(Some(last)) => {
+            let predicted: Vec<String> =
+                crate::nat_discovery::predict(last, stride, window.min(24))
+                    .into_iter()
+                    .map(|a| {
+                        let ip = match a.ip() {
+                            std::net::IpAddr::V4(ip) => format!("/ip4/{ip}"),
+                            std::net::IpAddr::V6(ip) => format!("/ip6/{ip}"),
+                        };
+                        format!("{ip}/udp/{}/quic-v1", a.port())
+                    })
+                    .collect();
+            tracing::debug!(%last, stride, predicted = predicted.len(), "port prediction");
+            candidates.retain(|c| !predicted.contains(c));
+            let mut out = predicted;
+            out.extend(candidates);
+            out.truncate(32);
+            out
+        }
+        Ok(None) | Err(_) => candidates,
+    }
+}
+
+fn parse_addrs(list: &[String]) -> Vec<libp2p::Multiaddr> {
+    list.iter().filter_map(|a| a.parse().ok()).collect()
 }
 
 /// Transient failures are retried; a refusal of this node is final.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use peermesh_node::mesh::PunchMode;
 use peermesh_node::relay::RelayConfig;
 use peermesh_node::status::{self, NodeStatus};
 use peermesh_node::{Node, NodeConfig, NodeError};
@@ -17,6 +18,13 @@ use peermesh_node::{Node, NodeConfig, NodeError};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PunchArg {
+    Control,
+    Dcutr,
+    Both,
 }
 
 #[derive(Subcommand)]
@@ -41,6 +49,32 @@ enum Command {
         /// UDP address of the mesh endpoint (QUIC).
         #[arg(long, default_value = "0.0.0.0:0")]
         listen: SocketAddr,
+        /// How direct paths are punched: `control` (rendezvous through the
+        /// control server, with port prediction), `dcutr` (libp2p DCUtR
+        /// over the relay) or `both` (DCUtR's early dials can take the
+        /// mapping that prediction names on a sequential NAT).
+        #[arg(long, value_enum, default_value_t = PunchArg::Control)]
+        punch: PunchArg,
+        /// Do not forward traffic between other members that have no direct
+        /// path to each other.
+        #[arg(long)]
+        no_forward: bool,
+        /// Create the virtual network interface (TUN) with this node's mesh
+        /// addresses (needs root or CAP_NET_ADMIN).
+        #[arg(long)]
+        tun: bool,
+        /// Name of the TUN interface.
+        #[arg(long, default_value = peermesh_node::tun::DEFAULT_NAME)]
+        tun_name: String,
+        /// MTU of the TUN interface (1280..=65535); the mesh carries whole
+        /// packets up to it.
+        #[arg(long, default_value_t = peermesh_node::tun::DEFAULT_MTU)]
+        tun_mtu: u16,
+        /// The origin (hosting server) that `meshnode get` fetches manifests
+        /// and missing chunks from, e.g. http://10.0.0.1:8080 (a `get
+        /// --origin` overrides it).
+        #[arg(long, value_name = "URL")]
+        origin: Option<String>,
     },
     /// Run a relay server that registers in the control server's directory.
     Relay {
@@ -122,6 +156,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the mesh addresses of a member of the group (or of this node),
+    /// by name or id, as the control server assigned them.
+    Resolve {
+        #[arg(long)]
+        state: PathBuf,
+        name: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch a file published by the origin, from the group's members that
+    /// have its chunks and from the origin for the rest; the node keeps the
+    /// chunks and serves them to the others.
+    Get {
+        #[arg(long)]
+        state: PathBuf,
+        /// Content id (64 hex digits, `GET /content` on the origin lists them).
+        content: String,
+        /// Where to write the file.
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        /// Origin URL for this fetch (default: the node's `up --origin`).
+        #[arg(long, value_name = "URL")]
+        origin: Option<String>,
+        /// Print the report as one JSON object (and no progress bar).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the running node's identity and peers.
     Status {
         #[arg(long)]
@@ -135,6 +197,9 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Up { .. } | Command::Relay { .. }) {
+        peermesh_node::swarm::warm_up_tls();
+    }
     let result = match cli.command {
         Command::Up {
             control,
@@ -143,15 +208,31 @@ async fn main() -> ExitCode {
             name,
             advertise,
             listen,
+            punch,
+            no_forward,
+            tun,
+            tun_name,
+            tun_mtu,
+            origin,
         } => {
             init_tracing();
             let mut config = NodeConfig::new(state);
+            config.forward = !no_forward;
+            config.punch = match punch {
+                PunchArg::Control => PunchMode::Control,
+                PunchArg::Dcutr => PunchMode::Dcutr,
+                PunchArg::Both => PunchMode::Both,
+            };
             config.control_url = control;
             config.token = token;
             config.name = name;
             config.advertise = advertise;
             config.listen = listen;
-            up(config).await
+            let tun = tun.then_some(peermesh_node::tun::TunConfig {
+                name: tun_name,
+                mtu: tun_mtu,
+            });
+            up(config, tun, origin).await
         }
         Command::Relay {
             listen,
@@ -183,6 +264,14 @@ async fn main() -> ExitCode {
             .await
         }
         Command::Status { state, json } => status_cmd(state, json).await,
+        Command::Get {
+            state,
+            content,
+            output,
+            origin,
+            json,
+        } => get_cmd(state, content, output, origin, json).await,
+        Command::Resolve { state, name, json } => resolve_cmd(state, name, json).await,
         Command::Send {
             state,
             peer,
@@ -235,8 +324,22 @@ fn init_tracing() {
         .init();
 }
 
-async fn up(config: NodeConfig) -> Result<()> {
-    let (node, listener) = Node::start(config).await?;
+async fn up(
+    config: NodeConfig,
+    tun: Option<peermesh_node::tun::TunConfig>,
+    origin: Option<String>,
+) -> Result<()> {
+    // Before joining: a node that cannot make its interface does not start.
+    let tun = tun
+        .map(|t| peermesh_node::tun::TunService::open(&t))
+        .transpose()?;
+    let state_dir = config.state_dir.clone();
+    let (mut node, listener) = Node::start(config).await?;
+    if let Some(tun) = tun {
+        node.attach_tun(tun);
+    }
+    peermesh_node::content::attach(&mut node, &state_dir, origin).await?;
+    peermesh_node::session::attach(&mut node)?;
     let m = node.membership();
     println!(
         "meshnode {} ({}) is up in group {}; `meshnode status --state …` shows its peers",
@@ -253,6 +356,30 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+async fn get_cmd(
+    state: PathBuf,
+    content: String,
+    output: PathBuf,
+    origin: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let output = std::path::absolute(&output).context("--output")?;
+    let req = peermesh_node::content::GetRequest {
+        content,
+        output,
+        origin,
+    };
+    let report = peermesh_node::content::cli::get(&socket(&state), &req, !json)
+        .await
+        .context("meshnode get")?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        peermesh_node::content::cli::print_report(&report);
+    }
+    Ok(())
 }
 
 async fn relay_cmd(config: RelayConfig) -> Result<()> {
@@ -397,6 +524,36 @@ async fn status_cmd(state: PathBuf, json: bool) -> Result<()> {
     Ok(())
 }
 
+async fn resolve_cmd(state: PathBuf, name: String, json: bool) -> Result<()> {
+    let s = status::query(&socket(&state))
+        .await
+        .context("meshnode resolve")?;
+    let (v4, v6) = if s.name == name || s.id == name {
+        (s.mesh_ipv4.clone(), s.mesh_ipv6.clone())
+    } else {
+        let p = s
+            .peers
+            .iter()
+            .find(|p| p.name == name || p.id == name)
+            .with_context(|| format!("no member {name:?} in group {}", s.group))?;
+        (p.mesh_ipv4.clone(), p.mesh_ipv6.clone())
+    };
+    if v4.is_none() && v6.is_none() {
+        anyhow::bail!("{name} has no mesh address (the control server assigns none)");
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"name": name, "ipv4": v4, "ipv6": v6})
+        );
+    } else {
+        for a in v4.iter().chain(v6.iter()) {
+            println!("{a}");
+        }
+    }
+    Ok(())
+}
+
 fn print_status(s: &NodeStatus) {
     println!("node     {} ({})", s.name, s.id);
     println!("group    {}", s.group);
@@ -413,8 +570,40 @@ fn print_status(s: &NodeStatus) {
         )
     };
     println!("control  {} ({control})", s.control.url);
+    if let Some(nat) = &s.nat {
+        let public = nat
+            .public
+            .map(|p| format!(", public {p}"))
+            .unwrap_or_default();
+        println!("nat      {}{public}", nat.describe());
+    }
     if !s.addresses.is_empty() {
         println!("address  {}", s.addresses.join(", "));
+    }
+    if s.mesh_ipv4.is_some() || s.mesh_ipv6.is_some() {
+        let mesh: Vec<&str> = s
+            .mesh_ipv4
+            .iter()
+            .chain(&s.mesh_ipv6)
+            .map(|a| a.as_str())
+            .collect();
+        println!("mesh     {}", mesh.join(", "));
+    }
+    if let Some(t) = &s.tun {
+        println!(
+            "tun      {} mtu {} {}: tx {} pkts, rx {} pkts; dropped: no route {}, no link {}, congested {}, malformed {}, spoofed {}, not for us {}",
+            t.name,
+            t.mtu,
+            if t.up { "up" } else { "waiting for addresses" },
+            t.tx_packets,
+            t.rx_packets,
+            t.drop_no_route,
+            t.drop_no_link,
+            t.drop_congested,
+            t.drop_malformed,
+            t.drop_spoofed,
+            t.drop_not_for_us
+        );
     }
     println!();
     if s.peers.is_empty() {
@@ -422,22 +611,32 @@ fn print_status(s: &NodeStatus) {
         return;
     }
     println!(
-        "{:<20} {:<54} {:<11} {:>9} {:>10} {:>10}  ONLINE",
-        "PEER", "ID", "PATH", "RTT", "IN", "OUT"
+        "{:<20} {:<54} {:<20} {:>9} {:>10} {:>10}  {:<6} MESH",
+        "PEER", "ID", "PATH", "RTT", "IN", "OUT", "ONLINE"
     );
     let mut peers: Vec<_> = s.peers.iter().collect();
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     for p in peers {
         let rtt = p.rtt_ms.map_or("-".into(), |r| format!("{r:.1}ms"));
+        let path = match (&p.path, &p.via) {
+            (status::PathKind::Forwarded, Some(via)) => format!("forwarded via {via}"),
+            (k, _) => k.as_str().to_string(),
+        };
         println!(
-            "{:<20} {:<54} {:<11} {:>9} {:>10} {:>10}  {}",
+            "{:<20} {:<54} {:<20} {:>9} {:>10} {:>10}  {:<6} {}",
             p.name,
             p.id,
-            p.path.as_str(),
+            path,
             rtt,
             human_bytes(p.bytes_in),
             human_bytes(p.bytes_out),
-            if p.online { "yes" } else { "no" }
+            if p.online { "yes" } else { "no" },
+            p.mesh_ipv4
+                .iter()
+                .chain(&p.mesh_ipv6)
+                .map(|a| a.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
 }

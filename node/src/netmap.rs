@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use peermesh_proto::api::{network_map_update::Kind, NetworkMapUpdate, Peer, Relay};
+use peermesh_proto::api::{
+    network_map_update::Kind, NetworkMapUpdate, Peer, PunchInstruction, Relay,
+};
 
 /// What an update changed, for the layers that act on peers coming and going.
 #[derive(Clone, Debug, PartialEq)]
@@ -13,6 +15,8 @@ pub enum MapChange {
     Removed(String),
     RelaysChanged,
     SelfUpdated(Peer),
+    /// The control server asks this node to open its NAT towards a peer.
+    Punch(PunchInstruction),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,6 +46,10 @@ impl NetworkMap {
     /// the current version are stale and ignored.
     pub fn apply(&mut self, update: NetworkMapUpdate) -> Result<Vec<MapChange>, MapError> {
         let kind = update.kind.ok_or(MapError::Empty)?;
+        // A rendezvous rides the stream but is no change of the map.
+        if let Kind::Punch(p) = kind {
+            return Ok(vec![MapChange::Punch(p)]);
+        }
         if let Kind::Full(full) = kind {
             let mut changes = Vec::new();
             let mut next: BTreeMap<String, Peer> = BTreeMap::new();
@@ -89,7 +97,7 @@ impl NetworkMap {
         self.version = update.version;
         let own_id = self.self_node.as_ref().map(|p| p.node_id.as_str());
         Ok(match kind {
-            Kind::Full(_) => unreachable!("handled above"),
+            Kind::Full(_) | Kind::Punch(_) => unreachable!("handled above"),
             Kind::PeerUpsert(p) if Some(p.node_id.as_str()) == own_id => {
                 self.self_node = Some(p.clone());
                 vec![MapChange::SelfUpdated(p)]
@@ -132,6 +140,7 @@ mod tests {
                 self_node: Some(peer(me, me)),
                 peers: peers.to_vec(),
                 relays: vec![],
+                stun: None,
             })),
         }
     }

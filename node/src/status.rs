@@ -63,6 +63,11 @@ pub struct PeerStatus {
     pub addresses: Vec<String>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Mesh (TUN) addresses the control server assigned to the peer.
+    #[serde(default)]
+    pub mesh_ipv4: Option<String>,
+    #[serde(default)]
+    pub mesh_ipv6: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -81,6 +86,18 @@ pub struct NodeStatus {
     pub control: ControlStatus,
     pub map_version: u64,
     pub peers: Vec<PeerStatus>,
+    /// This node's mesh (TUN) addresses, from the control server.
+    #[serde(default)]
+    pub mesh_ipv4: Option<String>,
+    #[serde(default)]
+    pub mesh_ipv6: Option<String>,
+    /// The virtual interface, when the node runs one (`up --tun`).
+    #[serde(default)]
+    pub tun: Option<crate::tun::TunStatus>,
+    /// This node's NAT, once discovery against the control server's STUN
+    /// endpoints has run (seed 003).
+    #[serde(default)]
+    pub nat: Option<crate::nat_discovery::NatBehavior>,
 }
 
 /// A request on the local socket.
@@ -106,6 +123,12 @@ pub enum Request {
     /// Throughput test, receiving side: take the inbox, discard messages and
     /// report the running totals every 100 ms.
     Sink,
+    /// Fetch a content id into a file (`meshnode get`); answered with
+    /// progress lines and a report, see [`crate::content::answer_get`].
+    Get(crate::content::GetRequest),
+    /// Multiplayer sessions: join, buttons, view, watch, leave; see
+    /// [`crate::session::ops`].
+    Session(crate::session::ops::SessionRequest),
 }
 
 /// Running totals of a `sink`.
@@ -173,6 +196,12 @@ pub struct Ctx {
     pub view: watch::Receiver<NodeStatus>,
     pub mesh: mpsc::Sender<MeshCommand>,
     pub inbox: Arc<Mutex<Inbox>>,
+    /// The TUN interface's counters, read at each status request.
+    pub tun: Option<Arc<crate::tun::TunInfo>>,
+    /// The content service (`meshnode get`).
+    pub content: Option<crate::content::ContentHandle>,
+    /// The multiplayer session service.
+    pub session: Option<crate::session::SessionHandle>,
 }
 
 /// Messages from peers waiting for a `recv` client. A message taken for a
@@ -287,7 +316,8 @@ async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
         };
         match req {
             Request::Status => {
-                let status = ctx.view.borrow().clone();
+                let mut status = ctx.view.borrow().clone();
+                status.tun = ctx.tun.as_ref().map(|t| t.snapshot());
                 write_line(
                     &mut w,
                     &Answer {
@@ -377,6 +407,12 @@ async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
                     },
                 )
                 .await?;
+            }
+            Request::Get(req) => {
+                crate::content::answer_get(ctx.content.as_ref(), req, &mut w).await?;
+            }
+            Request::Session(req) => {
+                crate::session::ops::answer(ctx.session.as_ref(), req, &mut reader, &mut w).await?;
             }
             Request::Sink => {
                 let Some(mut inbox) = attach(&ctx, &mut w).await? else {

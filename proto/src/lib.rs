@@ -15,5 +15,6 @@ pub mod store {
 }
 
 pub mod signing;
+pub mod stun;
 
 pub use control::v1 as api;

@@ -98,7 +98,8 @@ connectivity benchmark (needs root, ip, nft)
 options:
   --trials N            trials per pair (default 5)
   --pairs P[,P…]        pairs to run, out of fc-fc, pr-pr, fc-pr, none-pr,
-                        sym-sym (default all)
+                        sym-sym, seq-pr, seq-seq, pr-pr-dcutr (stock
+                        DCUtR instead of the rendezvous; default all)
   --json PATH           where to write the results; relative to the workspace
                         root (default bench-results/connectivity.json)
   --direct-timeout S    how long a trial waits for `direct` after the first
@@ -136,33 +137,61 @@ struct PairSpec {
     key: &'static str,
     a: NatKind,
     b: NatKind,
+    /// Extra `meshnode up` arguments for both nodes.
+    extra: &'static [&'static str],
 }
 
-const PAIRS: [PairSpec; 5] = [
+const PAIRS: [PairSpec; 8] = [
     PairSpec {
         key: "fc-fc",
         a: NatKind::FullCone,
         b: NatKind::FullCone,
+        extra: &[],
     },
     PairSpec {
         key: "pr-pr",
         a: NatKind::PortRestricted,
         b: NatKind::PortRestricted,
+        extra: &[],
     },
     PairSpec {
         key: "fc-pr",
         a: NatKind::FullCone,
         b: NatKind::PortRestricted,
+        extra: &[],
     },
     PairSpec {
         key: "none-pr",
         a: NatKind::None,
         b: NatKind::PortRestricted,
+        extra: &[],
     },
     PairSpec {
         key: "sym-sym",
         a: NatKind::SymmetricRandom,
         b: NatKind::SymmetricRandom,
+        extra: &[],
+    },
+    // Sequential symmetric NATs (port prediction is not wired to the
+    // mesh's sockets yet: these show where that leaves them).
+    PairSpec {
+        key: "seq-pr",
+        a: NatKind::SymmetricSequential,
+        b: NatKind::PortRestricted,
+        extra: &[],
+    },
+    PairSpec {
+        key: "seq-seq",
+        a: NatKind::SymmetricSequential,
+        b: NatKind::SymmetricSequential,
+        extra: &[],
+    },
+    // Stock libp2p DCUtR instead of the rendezvous, for comparison.
+    PairSpec {
+        key: "pr-pr-dcutr",
+        a: NatKind::PortRestricted,
+        b: NatKind::PortRestricted,
+        extra: &["--punch", "dcutr"],
     },
 ];
 
@@ -362,7 +391,7 @@ fn setup(spec: &PairSpec, label: &str) -> Result<Setup> {
 
 fn run_trial(spec: &PairSpec, k: usize, args: &Args, t: &mut Trial) -> Result<()> {
     let Setup { mut m, sa, sb } = setup(spec, &format!("{}-t{k}", spec.key))?;
-    let res = trial_body(&mut m, &sa.host, &sb.host, args, t);
+    let res = trial_body(&mut m, &sa.host, &sb.host, spec.extra, args, t);
     if res.is_err() {
         t.kept_logs = m.keep_logs();
     }
@@ -373,13 +402,14 @@ fn trial_body(
     m: &mut MeshLab,
     ha: &peermesh_tests::netlab::Host,
     hb: &peermesh_tests::netlab::Host,
+    extra: &[&str],
     args: &Args,
     t: &mut Trial,
 ) -> Result<()> {
     let (ta, tb) = (m.token()?, m.token()?);
     let started = SystemTime::now();
-    let a = m.node("a", ha, &ta)?;
-    let b = m.node("b", hb, &tb)?;
+    let a = m.node_with("a", ha, &ta, extra)?;
+    let b = m.node_with("b", hb, &tb, extra)?;
     let deadline = Instant::now() + SLOW;
     let mut inbox = None;
     let peer = loop {
@@ -554,7 +584,7 @@ fn rtts(a: &MeshNode, path: &str, count: u32) -> Result<Vec<f64>> {
 
 fn run_measure(spec: &PairSpec, args: &Args, r: &mut Measure) -> Result<()> {
     let Setup { mut m, sa, sb } = setup(spec, &format!("{}-measure", spec.key))?;
-    let res = measure_body(&mut m, &sa, &sb, args, r);
+    let res = measure_body(&mut m, &sa, &sb, spec.extra, args, r);
     if res.is_err() {
         r.kept_logs = m.keep_logs();
     }
@@ -565,6 +595,7 @@ fn measure_body(
     m: &mut MeshLab,
     sa: &peermesh_tests::netlab::Site,
     sb: &peermesh_tests::netlab::Site,
+    extra: &[&str],
     args: &Args,
     r: &mut Measure,
 ) -> Result<()> {
@@ -603,8 +634,8 @@ fn measure_body(
     r.raw_udp_plain = Some(raw_json(&plain));
 
     let (ta, tb) = (m.token()?, m.token()?);
-    let a = m.node("a", &sa.host, &ta)?;
-    let b = m.node("b", &sb.host, &tb)?;
+    let a = m.node_with("a", &sa.host, &ta, extra)?;
+    let b = m.node_with("b", &sb.host, &tb, extra)?;
     let peer = a.wait_peer("b", SLOW, Duration::from_millis(20))?;
     b.wait_peer("a", SLOW, Duration::from_millis(20))?;
     if a.wait_path(&peer.id, "direct", UNIX_EPOCH, args.direct_timeout)

@@ -41,6 +41,9 @@ use crate::Bins;
 pub const CONTROL_PORT: u16 = 7000;
 /// The relay's UDP port on the public host.
 pub const RELAY_PORT: u16 = 4001;
+/// The control server's STUN ports (primary address, then the second
+/// address with the next port).
+pub const STUN_PORT: u16 = 3478;
 /// The group [`MeshLab::start_public`] creates.
 pub const GROUP: &str = "g";
 /// Bound for process start-up (listening, registering).
@@ -625,7 +628,9 @@ impl MeshLab {
             procs: Vec::new(),
             logs: Vec::new(),
             server: None,
-            rust_log: DEFAULT_RUST_LOG.to_string(),
+            // `PEERMESH_LAB_LOG=debug,…` to look closer at one run.
+            rust_log: std::env::var("PEERMESH_LAB_LOG")
+                .unwrap_or_else(|_| DEFAULT_RUST_LOG.to_string()),
             lab,
         })
     }
@@ -692,41 +697,65 @@ impl MeshLab {
         run_ok(cmd, ADMIN)
     }
 
-    /// A public host `srv` with the control server and one relay, both
-    /// listening on its address, and the group [`GROUP`].
+    /// A public host `srv` (two addresses) with the control server (and its
+    /// STUN endpoints on both addresses) and one relay, and the group
+    /// [`GROUP`].
     pub fn start_public(&mut self) -> Result<()> {
-        let host = self.lab.public_host("srv")?;
+        let host = self.lab.public_host_with_two_addrs("srv")?;
         self.server = Some(host.clone());
         let ip = host.ip();
+        let ip2 = host.ip2().context("a second public address")?;
         let log = self.dir.path().join("control-server.log");
         let mut cmd = Command::new(&Bins::get().control_server);
         cmd.arg("serve")
             .arg("--listen")
             .arg(format!("{ip}:{CONTROL_PORT}"))
             .arg("--data")
-            .arg(self.dir.path().join("control-data"));
+            .arg(self.dir.path().join("control-data"))
+            .arg("--stun")
+            .arg(format!("{ip}:{STUN_PORT}"))
+            .arg("--stun-alt")
+            .arg(format!("{ip2}:{}", STUN_PORT + 1));
         self.spawn("control-server", &host, cmd, &log)?;
         self.wait_log(&log, "listening on", "the control server to listen")?;
         self.admin(&["create-group", GROUP])?;
 
+        self.start_relay("relay", RELAY_PORT)
+    }
+
+    /// Another relay on the public host (after [`Self::start_public`]),
+    /// registered in the directory; `label` names its process and log.
+    pub fn start_relay(&mut self, label: &str, port: u16) -> Result<()> {
+        let host = self.server().clone();
         let token = self.admin(&["create-token", "--relay"])?.trim().to_string();
-        let log = self.dir.path().join("relay.log");
+        let log = self.dir.path().join(format!("{label}.log"));
         let mut cmd = Command::new(&Bins::get().meshnode);
         cmd.arg("relay")
             .arg("--listen")
-            .arg(format!("{ip}:{RELAY_PORT}"))
+            .arg(format!("{}:{port}", host.ip()))
             .arg("--control")
             .arg(self.url())
             .arg("--token")
             .arg(&token)
             .arg("--state")
-            .arg(self.dir.path().join("relay-state"));
-        self.spawn("relay", &host, cmd, &log)?;
+            .arg(self.dir.path().join(format!("{label}-state")));
+        self.spawn(label, &host, cmd, &log)?;
         self.wait_log(
             &log,
             "registered with the control server",
             "the relay to register",
         )
+    }
+
+    /// SIGKILLs the process started as `label`; false if there is none.
+    pub fn kill(&mut self, label: &str) -> bool {
+        let Some(i) = self.procs.iter().position(|(l, _)| l == label) else {
+            return false;
+        };
+        let (_, mut child) = self.procs.remove(i);
+        let _ = child.kill();
+        let _ = child.wait();
+        true
     }
 
     /// A join token for one node of [`GROUP`].
@@ -745,6 +774,17 @@ impl MeshLab {
     /// `meshnode up` named `name` in namespace `ns` (a site's host),
     /// joining with `token`. Returns at once (see [`MeshNode::wait_up`]).
     pub fn node(&mut self, name: &str, ns: &Ns, token: &str) -> Result<MeshNode> {
+        self.node_with(name, ns, token, &[])
+    }
+
+    /// [`Self::node`] with extra `meshnode up` arguments.
+    pub fn node_with(
+        &mut self,
+        name: &str,
+        ns: &Ns,
+        token: &str,
+        extra: &[&str],
+    ) -> Result<MeshNode> {
         let state = self.dir.path().join(format!("node-{name}"));
         let log = self.dir.path().join(format!("node-{name}.log"));
         let mut cmd = Command::new(&Bins::get().meshnode);
@@ -756,7 +796,8 @@ impl MeshLab {
             .arg("--state")
             .arg(&state)
             .arg("--name")
-            .arg(name);
+            .arg(name)
+            .args(extra);
         self.spawn(&format!("node {name}"), ns, cmd, &log)?;
         Ok(MeshNode {
             name: name.to_string(),

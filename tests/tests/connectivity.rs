@@ -117,3 +117,41 @@ fn a_revoked_node_loses_its_links() -> Result<()> {
     assert!(a.cli(&["send", "b", "hello"]).is_err());
     Ok(())
 }
+
+#[test]
+fn punching_coordinated_by_the_control_server_alone_reaches_direct() -> Result<()> {
+    let mut lab = Lab::start()?;
+    lab.server.create_group("g")?;
+    let _relay = lab.relay("r1")?;
+    let ta = lab.server.token("g")?;
+    let tb = lab.server.token("g")?;
+    // DCUtR off: a direct path can only come from the rendezvous.
+    let a = lab.node("a", Some(&ta), &["--punch", "control"])?;
+    let b = lab.node("b", Some(&tb), &["--punch", "control"])?;
+    a.wait_peers(&["b"], SLOW)?;
+    let inbox = lab.dir.path().join("b-inbox.jsonl");
+    let mut recv = b.recv(&inbox)?;
+    a.cli(&["send", "b", "--count", "1000", "--prefix", "p"])?;
+    wait_for(SLOW, "a direct path a↔b", || {
+        (a.path_to("b")? == "direct" && b.path_to("a")? == "direct").then_some(())
+    })?;
+    wait_for(SLOW, "the stream to arrive", || {
+        (received(&inbox).len() >= 1000).then_some(())
+    })?;
+    check_stream(&received(&inbox), "p", 1000)?;
+    let _ = recv.kill();
+    let _ = recv.wait();
+    // One side asked, the other opened first, as the server told it.
+    let (la, lb) = (a.log(), b.log());
+    let caller = [
+        "punch: peer is open; dialing",
+        "punch: opening towards the caller",
+    ];
+    let roles = |log: &str| caller.map(|needle| log.contains(needle));
+    assert!(
+        roles(&la) == [true, false] && roles(&lb) == [false, true]
+            || roles(&la) == [false, true] && roles(&lb) == [true, false],
+        "expected one caller and one callee:\n--- a\n{la}\n--- b\n{lb}"
+    );
+    Ok(())
+}

@@ -18,10 +18,10 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
-use peermesh_tests::meshlab::{poll, Inbox, MeshLab, MeshNode};
+use peermesh_tests::meshlab::{log_time, poll, Inbox, MeshLab, MeshNode, RELAY_PORT};
 use peermesh_tests::netlab::{lab_or_skip, NatKind, Site, SiteOpts};
 use peermesh_tests::wait_for;
 
@@ -115,13 +115,18 @@ struct Pair {
 }
 
 fn start_pair(m: &mut MeshLab, ka: NatKind, kb: NatKind) -> Result<Pair> {
+    start_pair_with(m, ka, kb, &[])
+}
+
+/// [`start_pair`] with extra `meshnode up` arguments for both nodes.
+fn start_pair_with(m: &mut MeshLab, ka: NatKind, kb: NatKind, extra: &[&str]) -> Result<Pair> {
     m.start_public()?;
     let sa = m.lab.site("sa", ka, SiteOpts::default())?;
     let sb = m.lab.site("sb", kb, SiteOpts::default())?;
     let (ta, tb) = (m.token()?, m.token()?);
     let t0 = Instant::now();
-    let a = m.node("a", &sa.host, &ta)?;
-    let b = m.node("b", &sb.host, &tb)?;
+    let a = m.node_with("a", &sa.host, &ta, extra)?;
+    let b = m.node_with("b", &sb.host, &tb, extra)?;
     b.wait_up(SLOW)?;
     let inbox = m.recv(&b)?;
     // The first message goes out as soon as `a` knows `b`: before any path
@@ -197,8 +202,12 @@ fn wait_both(p: &Pair, path: &str, timeout: Duration) -> Result<(Duration, Durat
 /// Cone pairs: relay first, then direct on both sides, then a stream over
 /// the direct path.
 fn goes_direct(test: &str, ka: NatKind, kb: NatKind) {
+    goes_direct_with(test, ka, kb, &[])
+}
+
+fn goes_direct_with(test: &str, ka: NatKind, kb: NatKind, extra: &[&str]) {
     lab_test(test, |m| {
-        let p = start_pair(m, ka, kb)?;
+        let p = start_pair_with(m, ka, kb, extra)?;
         check_relay_first(&p)?;
         let (da, db) = wait_both(&p, "direct", TO_DIRECT)?;
         eprintln!(
@@ -224,6 +233,41 @@ fn goes_direct(test: &str, ka: NatKind, kb: NatKind) {
         );
         Ok(())
     });
+}
+
+/// Seed 002: with DCUtR off, the only way to a direct path is the control
+/// server's rendezvous (callee opens, then the caller dials).
+#[test]
+fn port_restricted_pair_goes_direct_through_the_control_server_rendezvous() {
+    goes_direct_with(
+        "rendezvous_pr_pr",
+        NatKind::PortRestricted,
+        NatKind::PortRestricted,
+        &["--punch", "control"],
+    );
+}
+
+/// Seed 003: a sequential symmetric NAT gives the punch a new public port;
+/// discovery measured its stride, a probe just before the punch finds the
+/// counter, and the rendezvous hands the peer the predicted ports.
+#[test]
+fn sequential_symmetric_and_port_restricted_go_direct_through_port_prediction() {
+    goes_direct_with(
+        "predict_seq_pr",
+        NatKind::SymmetricSequential,
+        NatKind::PortRestricted,
+        &["--punch", "control"],
+    );
+}
+
+#[test]
+fn sequential_symmetric_pair_goes_direct_through_port_prediction() {
+    goes_direct_with(
+        "predict_seq_seq",
+        NatKind::SymmetricSequential,
+        NatKind::SymmetricSequential,
+        &["--punch", "control"],
+    );
 }
 
 #[test]
@@ -497,6 +541,232 @@ fn a_cut_direct_path_falls_back_to_the_relay_exactly_once() {
                 path.as_deref() == Some("relay"),
                 "{side} is {path:?} after the cut"
             );
+        }
+        Ok(())
+    });
+}
+
+/// Seed 001: the home relay of two nodes that only have relay paths dies;
+/// both move to the next relay of the directory and the stream between them
+/// goes on through it, exactly once and in order.
+#[test]
+fn the_home_relay_dies_and_the_stream_moves_to_another_relay() {
+    let test = "relay_failover";
+    lab_test(test, |m| {
+        let p = start_pair(m, NatKind::SymmetricRandom, NatKind::SymmetricRandom)?;
+        wait_both(&p, "relay", SLOW)?;
+        // A second relay joins the directory after both chose the first as
+        // home (the home is kept while it lives).
+        m.start_relay("relay2", RELAY_PORT + 1)?;
+        for n in [&p.a, &p.b] {
+            poll(SLOW, Duration::from_millis(20), "both relays known", || {
+                (!n.log_lines(&["relay directory relays=2"]).is_empty()).then_some(())
+            })?;
+        }
+        // Time to connect to it and measure its RTT.
+        std::thread::sleep(Duration::from_secs(2));
+        let sender = Sender::start(&p.a);
+        poll(
+            SLOW,
+            Duration::from_millis(20),
+            "the stream to flow",
+            || (p.inbox.count() > 2 * BATCH).then_some(()),
+        )?;
+        let killed_at = SystemTime::now();
+        ensure!(m.kill("relay"), "no relay process to kill");
+        // Both move their home to relay2 and the stream flows again.
+        let mut moved = Vec::new();
+        for n in [&p.a, &p.b] {
+            let line = poll(SLOW, Duration::from_millis(20), "a new home relay", || {
+                n.log_lines(&["home relay chosen"]).get(1).cloned()
+            })?;
+            let at = log_time(&line).context("log time")?;
+            moved.push(at.duration_since(killed_at).unwrap_or_default());
+        }
+        let at_kill = p.inbox.count();
+        poll(
+            SLOW,
+            Duration::from_millis(20),
+            "the stream after the failover",
+            || (p.inbox.count() > at_kill + 2 * BATCH).then_some(()),
+        )
+        .with_context(|| format!("stuck at {} messages", p.inbox.count()))?;
+        let sent = sender.finish()?;
+        let mut want: Vec<String> = numbered("first", 1).collect();
+        for k in 0..sent {
+            want.extend(numbered(&format!("s{k}"), BATCH));
+        }
+        poll(SLOW, Duration::from_millis(100), "the whole stream", || {
+            (p.inbox.count() >= want.len()).then_some(())
+        })?;
+        std::thread::sleep(Duration::from_millis(500));
+        check_exact(&received(&p.inbox), &want)?;
+        eprintln!(
+            "{test}: relay killed; new home relay after {} (a) and {} (b); {} messages \
+             in {sent} batches arrived exactly once and in order",
+            ms(moved[0]),
+            ms(moved[1]),
+            want.len()
+        );
+        for (side, path) in [("a→b", p.a.path_to("b")), ("b→a", p.b.path_to("a"))] {
+            ensure!(path.as_deref() == Some("relay"), "{side} is {path:?}");
+        }
+        Ok(())
+    });
+}
+
+/// Seed 004: two members behind random symmetric NATs have no direct path;
+/// a third member on an open address reaches both directly, so their link
+/// goes through it (`forwarded via c`), end-to-end encrypted, exactly once
+/// and in order, instead of through the relay server.
+#[test]
+fn random_symmetric_pair_goes_forwarded_through_an_open_member() {
+    let test = "forwarded";
+    lab_test(test, |m| {
+        m.start_public()?;
+        let sa = m
+            .lab
+            .site("sa", NatKind::SymmetricRandom, SiteOpts::default())?;
+        let sb = m
+            .lab
+            .site("sb", NatKind::SymmetricRandom, SiteOpts::default())?;
+        let sc = m.lab.site("sc", NatKind::None, SiteOpts::default())?;
+        let (ta, tb, tc) = (m.token()?, m.token()?, m.token()?);
+        let c = m.node("c", &sc.host, &tc)?;
+        c.wait_up(SLOW)?;
+        let a = m.node("a", &sa.host, &ta)?;
+        let b = m.node("b", &sb.host, &tb)?;
+        b.wait_up(SLOW)?;
+        let inbox = m.recv(&b)?;
+        for (n, peer) in [(&a, "c"), (&b, "c")] {
+            poll(
+                TO_DIRECT,
+                PEER_POLL,
+                "a direct path to the open member",
+                || (n.path_to(peer).as_deref() == Some("direct")).then_some(()),
+            )
+            .with_context(|| format!("{} → c is {:?}", n.name, n.path_to(peer)))?;
+        }
+        poll(SLOW, PEER_POLL, "a↔b forwarded", || {
+            (a.path_to("b").as_deref() == Some("forwarded")
+                && b.path_to("a").as_deref() == Some("forwarded"))
+            .then_some(())
+        })
+        .with_context(|| format!("a→b {:?}, b→a {:?}", a.path_to("b"), b.path_to("a")))?;
+        for (n, peer) in [(&a, "b"), (&b, "a")] {
+            let via = n.peer(peer).and_then(|p| p.via);
+            ensure!(
+                via.as_deref() == Some("c"),
+                "{} → {peer} goes via {via:?}",
+                n.name
+            );
+        }
+        a.send_numbered("b", "fw", 3000)?;
+        poll(SLOW, Duration::from_millis(100), "the stream", || {
+            (inbox.count() >= 3000).then_some(())
+        })?;
+        std::thread::sleep(Duration::from_millis(300));
+        let want: Vec<String> = numbered("fw", 3000).collect();
+        check_exact(&received(&inbox), &want)?;
+        ensure!(
+            a.path_to("b").as_deref() == Some("forwarded"),
+            "a→b left the forwarded path: {:?}",
+            a.path_to("b")
+        );
+        eprintln!("{test}: a↔b forwarded via c; 3000 messages exactly once and in order");
+        Ok(())
+    });
+}
+
+/// Seed 003: every node measures its NAT against the control server's two
+/// addresses and ports; status and the control server show what it found,
+/// for each kind of router in the lab.
+#[test]
+fn each_node_discovers_its_nat_behaviour() {
+    let test = "nat_discovery";
+    lab_test(test, |m| {
+        m.start_public()?;
+        let kinds = [
+            ("none", NatKind::None, "no NAT", None, None),
+            (
+                "fc",
+                NatKind::FullCone,
+                "full cone",
+                Some("endpoint_independent"),
+                Some("endpoint_independent"),
+            ),
+            (
+                "pr",
+                NatKind::PortRestricted,
+                "port-restricted cone",
+                Some("endpoint_independent"),
+                Some("address_and_port_dependent"),
+            ),
+            (
+                "sr",
+                NatKind::SymmetricRandom,
+                "symmetric (random)",
+                Some("random"),
+                Some("address_and_port_dependent"),
+            ),
+            (
+                "ss",
+                NatKind::SymmetricSequential,
+                "symmetric (sequential",
+                Some("sequential"),
+                Some("address_and_port_dependent"),
+            ),
+        ];
+        let mut nodes = Vec::new();
+        for (name, kind, ..) in &kinds {
+            let site = m
+                .lab
+                .site(&format!("s{name}"), *kind, SiteOpts::default())?;
+            let token = m.token()?;
+            nodes.push((m.node(name, &site.host, &token)?, site));
+        }
+        for ((node, _), (name, kind, words, mapping, filtering)) in nodes.iter().zip(&kinds) {
+            let nat = poll(SLOW, Duration::from_millis(50), "a NAT verdict", || {
+                node.status().and_then(|s| s.nat)
+            })?;
+            eprintln!("{test}: {name} ({kind:?}): {} {nat:?}", nat.describe());
+            ensure!(nat.udp, "{name}: UDP works in the lab");
+            ensure!(
+                nat.describe().starts_with(words),
+                "{name}: expected {words:?}, got {:?} ({nat:?})",
+                nat.describe()
+            );
+            if let (Some(mapping), Some(filtering)) = (mapping, filtering) {
+                let report = nat.to_proto();
+                ensure!(
+                    report.mapping == *mapping,
+                    "{name}: mapping {:?}",
+                    report.mapping
+                );
+                ensure!(
+                    report.filtering == *filtering,
+                    "{name}: filtering {:?}",
+                    report.filtering
+                );
+            }
+        }
+        // The control server keeps each node's verdict.
+        let listed = poll(
+            SLOW,
+            Duration::from_millis(200),
+            "verdicts at the control server",
+            || {
+                let out = m.admin(&["nodes", "--json"]).ok()?;
+                let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+                let all = v.as_array()?.iter().all(|n| n["nat"]["udp"] == true);
+                (all && v.as_array()?.len() == kinds.len()).then_some(v)
+            },
+        )?;
+        for n in listed.as_array().into_iter().flatten() {
+            if n["name"] == "ss" {
+                ensure!(n["nat"]["mapping"] == "sequential", "{n}");
+                ensure!(n["nat"]["port_stride"].as_i64().unwrap_or(0) >= 1, "{n}");
+            }
         }
         Ok(())
     });

@@ -1387,3 +1387,124 @@ async fn expired_sessions_are_purged_on_open() {
     assert_unauthenticated(f.reg.authorize(&a.credential), "unknown or expired session");
     assert_eq!(f.reg.store().sessions.len(), 0);
 }
+
+#[tokio::test]
+async fn mesh_addresses_are_assigned_unique_and_sent_in_every_peer() {
+    let f = Fixture::new();
+    f.group("lab").await;
+    f.group("prod").await;
+    let (t1, _) = f.token("lab", 0, 0).await;
+    let (t2, _) = f.token("prod", 0, 0).await;
+    let a = f.join_ok(&Keypair::generate_ed25519(), &t1, "a").await;
+    let b = f.join_ok(&Keypair::generate_ed25519(), &t1, "b").await;
+    let c = f.join_ok(&Keypair::generate_ed25519(), &t2, "c").await;
+    let (na, nb, nc) = (f.node(&a.node_id), f.node(&b.node_id), f.node(&c.node_id));
+    let mut v4s = std::collections::HashSet::new();
+    for n in [&na, &nb, &nc] {
+        let v4: std::net::Ipv4Addr = n.mesh_ipv4.parse().expect("an IPv4 address");
+        let v6: std::net::Ipv6Addr = n.mesh_ipv6.parse().expect("an IPv6 address");
+        assert_eq!(v4.octets()[0], 100);
+        assert_eq!(v4.octets()[1] & 0xc0, 64, "{v4} is not in 100.64.0.0/10");
+        assert_eq!(v6.octets()[0], 0xfd, "{v6} is not a ULA");
+        assert!(v4s.insert(v4), "{v4} given twice");
+    }
+    // One /48 for the whole server.
+    let p = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().segments()[..3].to_vec();
+    assert_eq!(p(&na.mesh_ipv6), p(&nb.mesh_ipv6));
+    assert_eq!(p(&na.mesh_ipv6), p(&nc.mesh_ipv6));
+
+    // The full map carries them, for the node itself and for its peers.
+    let sub = f.reg.watch(&a.ctx).expect("watch");
+    let map = full_map(&sub.first);
+    let me = map.self_node.as_ref().unwrap();
+    assert_eq!(
+        (&me.mesh_ipv4, &me.mesh_ipv6),
+        (&na.mesh_ipv4, &na.mesh_ipv6)
+    );
+    assert_eq!(map.peers[0].mesh_ipv4, nb.mesh_ipv4);
+    assert_eq!(map.peers[0].mesh_ipv6, nb.mesh_ipv6);
+    // And so does every delta.
+    let (mut events, mut version) = (sub.events, sub.version);
+    f.reg
+        .update_endpoints(&b.ctx, &["/ip4/192.0.2.2/udp/1/quic-v1".into()])
+        .await
+        .unwrap();
+    match next_event(&mut events, &mut version).to_update().kind {
+        Some(Kind::PeerUpsert(p)) => {
+            assert_eq!(p.node_id, b.node_id);
+            assert_eq!(
+                (p.mesh_ipv4, p.mesh_ipv6),
+                (nb.mesh_ipv4.clone(), nb.mesh_ipv6.clone())
+            );
+        }
+        other => panic!("expected an upsert, got {other:?}"),
+    }
+    let d_kp = Keypair::generate_ed25519();
+    let d = f.join_ok(&d_kp, &t1, "d").await;
+    match next_event(&mut events, &mut version).to_update().kind {
+        Some(Kind::PeerUpsert(p)) => {
+            assert_eq!(p.node_id, d.node_id);
+            assert!(!p.mesh_ipv4.is_empty() && !p.mesh_ipv6.is_empty());
+            assert!(!v4s.contains(&p.mesh_ipv4.parse().unwrap()));
+        }
+        other => panic!("expected an upsert, got {other:?}"),
+    }
+    drop(events);
+    drop(sub.guard);
+}
+
+#[tokio::test]
+async fn mesh_addresses_are_stable_across_rejoins_and_restarts() {
+    let f = Fixture::new();
+    f.group("lab").await;
+    let (t1, _) = f.token("lab", 0, 0).await;
+    let kp = Keypair::generate_ed25519();
+    let a = f.join_ok(&kp, &t1, "a").await;
+    let before = f.node(&a.node_id);
+    // The node restarts: authenticates again, or joins again with a token.
+    f.authenticate(&kp, f.ts()).await.unwrap();
+    f.join_ok(&kp, &t1, "a").await;
+    let again = f.node(&a.node_id);
+    assert_eq!(
+        (&again.mesh_ipv4, &again.mesh_ipv6),
+        (&before.mesh_ipv4, &before.mesh_ipv6)
+    );
+    // The server restarts.
+    let f = f.reopen();
+    let after = f.node(&a.node_id);
+    assert_eq!(
+        (&after.mesh_ipv4, &after.mesh_ipv6),
+        (&before.mesh_ipv4, &before.mesh_ipv6)
+    );
+    // A new node after the restart does not get a taken address.
+    let b = f.join_ok(&Keypair::generate_ed25519(), &t1, "b").await;
+    assert_ne!(f.node(&b.node_id).mesh_ipv4, before.mesh_ipv4);
+    // A removed node's address is free again, and its record is gone.
+    f.reg.remove_node(&a.node_id, "").await.unwrap();
+    let m = f.reg.mesh_addrs.lock().unwrap();
+    assert_eq!(m.len(), 1);
+}
+
+#[tokio::test]
+async fn records_from_an_older_server_get_mesh_addresses_on_open() {
+    let f = Fixture::new();
+    f.group("lab").await;
+    let (t1, _) = f.token("lab", 0, 0).await;
+    let a = f.join_ok(&Keypair::generate_ed25519(), &t1, "a").await;
+    let b = f.join_ok(&Keypair::generate_ed25519(), &t1, "b").await;
+    let b_addr = f.node(&b.node_id).mesh_ipv4;
+    // As an older server wrote it: no mesh addresses.
+    let mut rec = f.reg.store().node(&a.node_id).unwrap().unwrap();
+    rec.mesh_ipv4.clear();
+    rec.mesh_ipv6.clear();
+    f.reg.store().put_node(&rec).unwrap();
+    let f = f.reopen();
+    let a2 = f.node(&a.node_id);
+    assert!(a2.mesh_ipv4.parse::<std::net::Ipv4Addr>().is_ok());
+    assert!(a2.mesh_ipv6.parse::<std::net::Ipv6Addr>().is_ok());
+    assert_ne!(a2.mesh_ipv4, b_addr);
+    // Stored, so the next open keeps it.
+    let f = f.reopen();
+    assert_eq!(f.node(&a.node_id).mesh_ipv4, a2.mesh_ipv4);
+    assert_eq!(f.node(&b.node_id).mesh_ipv4, b_addr);
+}

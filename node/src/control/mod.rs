@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use libp2p::identity::Keypair;
 use peermesh_proto::api::{
     node_control_client::NodeControlClient, AuthenticateRequest, AuthenticateResponse, JoinRequest,
-    JoinResponse, LeaveRequest, LinkReport, NetworkMapUpdate, ReportLinksRequest,
-    UpdateEndpointsRequest, WatchNetworkMapRequest,
+    JoinResponse, LeaveRequest, LinkReport, NetworkMapUpdate, PunchReadyRequest,
+    ReportLinksRequest, RequestPunchRequest, RequestPunchResponse, UpdateEndpointsRequest,
+    WatchNetworkMapRequest,
 };
 use peermesh_proto::signing;
 use tonic::transport::{Channel, Endpoint};
@@ -177,6 +178,43 @@ impl ControlClient {
     pub async fn leave(&mut self) -> Result<(), Status> {
         let req = self.authed(LeaveRequest {});
         self.rpc.leave(req).await?;
+        Ok(())
+    }
+
+    /// Asks the server to coordinate a punch to `peer`; returns once the
+    /// peer has sent its opening packets, with its candidates.
+    pub async fn request_punch(
+        &mut self,
+        peer: &str,
+        candidates: Vec<String>,
+    ) -> Result<RequestPunchResponse, Status> {
+        let req = self.authed(RequestPunchRequest {
+            peer_id: peer.to_string(),
+            candidates,
+        });
+        Ok(self.rpc.request_punch(req).await?.into_inner())
+    }
+
+    pub async fn report_nat(
+        &mut self,
+        report: peermesh_proto::api::NatReport,
+    ) -> Result<(), Status> {
+        let req = self.authed(report);
+        self.rpc.report_nat(req).await?;
+        Ok(())
+    }
+
+    /// Tells the server that this node's opening packets for `punch_id` are out.
+    pub async fn punch_ready(
+        &mut self,
+        punch_id: u64,
+        candidates: Vec<String>,
+    ) -> Result<(), Status> {
+        let req = self.authed(PunchReadyRequest {
+            punch_id,
+            candidates,
+        });
+        self.rpc.punch_ready(req).await?;
         Ok(())
     }
 }

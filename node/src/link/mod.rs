@@ -31,14 +31,27 @@ const WRITE_STALL: Duration = Duration::from_secs(3);
 const PENDING_LIMIT: usize = 1024;
 /// How often a link with no path asks the swarm to dial again.
 const REDIAL: Duration = Duration::from_millis(500);
+/// Waits between coordinated punch attempts while no direct path exists:
+/// the first goes out as soon as the relayed connection is up, later ones
+/// back off to this cap.
+const PUNCH_BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const PUNCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Pings (one every 500 ms) over which loss is reported: the last 10 s.
+const PING_WINDOW: usize = 20;
 
 #[derive(Debug)]
 pub enum LinkInput {
-    /// Addresses to reach the peer at (relay circuit first).
-    Addresses(Vec<Multiaddr>),
+    /// Addresses to reach the peer at: circuits through relay servers, and
+    /// circuits through members that forward (best forwarder first).
+    Addresses {
+        relay: Vec<Multiaddr>,
+        forwarded: Vec<Multiaddr>,
+    },
     Connected {
         connection: ConnectionId,
-        relayed: bool,
+        kind: path_switch::PathKind,
+        /// The relay server or forwarding member of a relayed connection.
+        via: Option<PeerId>,
     },
     Disconnected {
         connection: ConnectionId,
@@ -47,9 +60,10 @@ pub enum LinkInput {
         connection: ConnectionId,
         stream: Stream,
     },
+    /// A ping's RTT on a connection, or `None`: it timed out.
     Rtt {
         connection: ConnectionId,
-        rtt: Duration,
+        rtt: Option<Duration>,
     },
     /// From a path's reader task.
     Frame {
@@ -70,6 +84,10 @@ pub struct LinkStatus {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub malformed: u64,
+    /// The relay or forwarding member the active path goes through.
+    pub via: Option<PeerId>,
+    /// Fraction of the active connection's last pings that timed out (1 s).
+    pub loss: f64,
     /// Messages for a channel that no service on this node consumes.
     pub undeliverable: u64,
 }
@@ -82,6 +100,8 @@ impl Default for LinkStatus {
             bytes_in: 0,
             bytes_out: 0,
             malformed: 0,
+            via: None,
+            loss: 0.0,
             undeliverable: 0,
         }
     }
@@ -90,6 +110,8 @@ impl Default for LinkStatus {
 #[derive(Debug)]
 pub enum LinkOutput {
     Status(PeerId, LinkStatus),
+    /// No direct path: ask the control server to coordinate a punch.
+    PunchWanted(PeerId),
 }
 
 pub struct LinkHandle {
@@ -119,14 +141,23 @@ struct Worker {
     sinks: Sinks,
     inputs_tx: mpsc::Sender<LinkInput>,
     addresses: Vec<Multiaddr>,
-    connections: HashMap<ConnectionId, bool>,
+    forwarded: Vec<Multiaddr>,
+    connections: HashMap<ConnectionId, (path_switch::PathKind, Option<PeerId>)>,
     paths: HashMap<PathId, PathEntry>,
     rtts: HashMap<ConnectionId, Duration>,
+    /// Outcomes of the last [`PING_WINDOW`] pings per connection.
+    pings: HashMap<ConnectionId, VecDeque<bool>>,
     next_path: u32,
     pending: VecDeque<Bytes>,
     status: LinkStatus,
     last_status_sent: Option<(LinkStatus, Instant)>,
     last_dial: Option<Instant>,
+    /// Whether this link asks the control server for punches.
+    control_punch: bool,
+    punch_attempts: u32,
+    next_punch: Option<Instant>,
+    forward_attempts: u32,
+    next_forward: Option<Instant>,
 }
 
 pub fn spawn(
@@ -135,6 +166,7 @@ pub fn spawn(
     swarm: mpsc::Sender<SwarmCommand>,
     out: mpsc::Sender<LinkOutput>,
     sinks: Sinks,
+    control_punch: bool,
 ) -> LinkHandle {
     let (input_tx, input_rx) = mpsc::channel(1024);
     let (send_tx, send_rx) = mpsc::channel(256);
@@ -143,6 +175,7 @@ pub fn spawn(
         peer,
         switch: PathSwitch::new(path_switch::Config {
             max_message_size: crate::mesh::channel::MAX_MESSAGE + 1,
+            liveness: Some(path_switch::Liveness::default()),
             ..path_switch::Config::default()
         }),
         swarm,
@@ -150,14 +183,21 @@ pub fn spawn(
         sinks,
         inputs_tx: input_tx.clone(),
         addresses: Vec::new(),
+        forwarded: Vec::new(),
         connections: HashMap::new(),
         paths: HashMap::new(),
         rtts: HashMap::new(),
+        pings: HashMap::new(),
         next_path: 0,
         pending: VecDeque::new(),
         status: LinkStatus::default(),
         last_status_sent: None,
         last_dial: None,
+        control_punch,
+        punch_attempts: 0,
+        next_punch: None,
+        forward_attempts: 0,
+        next_forward: None,
     };
     let task = tokio::spawn(worker.run(input_rx, send_rx));
     LinkHandle {
@@ -167,12 +207,11 @@ pub fn spawn(
     }
 }
 
-fn kind_of(relayed: bool) -> path_switch::PathKind {
-    if relayed {
-        path_switch::PathKind::Relay
-    } else {
-        path_switch::PathKind::Direct
-    }
+fn has(
+    connections: &HashMap<ConnectionId, (path_switch::PathKind, Option<PeerId>)>,
+    kind: path_switch::PathKind,
+) -> bool {
+    connections.values().any(|(k, _)| *k == kind)
 }
 
 impl Worker {
@@ -203,11 +242,20 @@ impl Worker {
                     None => return,
                 },
                 msg = app.recv(), if accept_app => match msg {
-                    Some(m) => self.pending.push_back(m),
+                    Some(m) => {
+                        self.pending.push_back(m);
+                        if self.connections.is_empty() {
+                            self.maybe_dial().await;
+                        }
+                    }
                     None => return,
                 },
                 _ = sleep => self.switch.handle_timeout(Instant::now()),
-                _ = redial.tick() => self.maybe_dial().await,
+                _ = redial.tick() => {
+                    self.maybe_dial().await;
+                    self.maybe_punch().await;
+                    self.maybe_forward().await;
+                }
             }
         }
     }
@@ -216,8 +264,11 @@ impl Worker {
         if !self.connections.is_empty() || self.addresses.is_empty() {
             return;
         }
-        // The follower dials too when the leader has not for a while.
-        let patience = if self.leads() {
+        // The follower dials too when the leader has not for a while, and
+        // at once when it has something to send: the first byte to a new
+        // peer waits for nobody (seed 000).
+        let waiting = !self.pending.is_empty() || self.switch.unacked() > 0;
+        let patience = if self.leads() || waiting {
             Duration::ZERO
         } else {
             REDIAL * 4
@@ -236,22 +287,87 @@ impl Worker {
             .await;
     }
 
+    /// The leader asks for a coordinated punch while the peer is reachable
+    /// through a relay but not directly; the follower is the callee.
+    async fn maybe_punch(&mut self) {
+        let direct = has(&self.connections, path_switch::PathKind::Direct);
+        let relayed = !self.connections.is_empty() && !direct;
+        if !self.control_punch || !self.leads() || !relayed || direct {
+            return;
+        }
+        let now = Instant::now();
+        if self.next_punch.is_some_and(|t| now < t) {
+            return;
+        }
+        let wait = PUNCH_BACKOFF_FIRST
+            .checked_mul(1 << self.punch_attempts.min(5))
+            .map_or(PUNCH_BACKOFF_MAX, |d| d.min(PUNCH_BACKOFF_MAX));
+        self.punch_attempts += 1;
+        self.next_punch = Some(now + wait);
+        tracing::debug!(peer = %self.peer, attempt = self.punch_attempts, "asking for a coordinated punch");
+        let _ = self.out.send(LinkOutput::PunchWanted(self.peer)).await;
+    }
+
+    /// With no direct path, go through the best member that forwards
+    /// (seed 004) rather than a relay server; either side may dial.
+    async fn maybe_forward(&mut self) {
+        use path_switch::PathKind::{Direct, Forwarded};
+        if self.forwarded.is_empty()
+            || has(&self.connections, Direct)
+            || has(&self.connections, Forwarded)
+        {
+            return;
+        }
+        let now = Instant::now();
+        if self.next_forward.is_some_and(|t| now < t) {
+            return;
+        }
+        let wait = Duration::from_secs(2)
+            .checked_mul(1 << self.forward_attempts.min(3))
+            .unwrap_or(Duration::from_secs(16));
+        self.forward_attempts += 1;
+        self.next_forward = Some(now + wait);
+        let addr = self.forwarded[0].clone();
+        tracing::debug!(peer = %self.peer, %addr, "dialing through a forwarding member");
+        let _ = self
+            .swarm
+            .send(SwarmCommand::DialVia {
+                peer: self.peer,
+                addr,
+            })
+            .await;
+    }
+
+    /// A direct path went away: the next punch goes out at once.
+    fn direct_lost(&mut self) {
+        self.punch_attempts = 0;
+        self.next_punch = None;
+    }
+
     async fn on_input(&mut self, input: LinkInput) {
         let now = Instant::now();
         match input {
-            LinkInput::Addresses(a) => {
-                let first = self.addresses.is_empty();
-                self.addresses = a;
-                if first {
+            LinkInput::Addresses { relay, forwarded } => {
+                let changed = self.addresses != relay;
+                self.addresses = relay;
+                if self.forwarded.first() != forwarded.first() {
+                    self.forward_attempts = 0;
+                    self.next_forward = None;
+                }
+                self.forwarded = forwarded;
+                if changed {
                     self.maybe_dial().await;
                 }
+                self.maybe_forward().await;
             }
             LinkInput::Connected {
                 connection,
-                relayed,
+                kind,
+                via,
             } => {
-                tracing::debug!(peer = %self.peer, ?connection, relayed, "connection up");
-                self.connections.insert(connection, relayed);
+                tracing::debug!(peer = %self.peer, ?connection, ?kind, ?via, "connection up");
+                let relayed = kind != path_switch::PathKind::Direct;
+                self.connections.insert(connection, (kind, via));
                 if self.leads() {
                     let _ = self
                         .swarm
@@ -261,10 +377,21 @@ impl Worker {
                         })
                         .await;
                 }
+                if relayed {
+                    self.maybe_punch().await;
+                }
             }
             LinkInput::Disconnected { connection } => {
-                self.connections.remove(&connection);
+                match self.connections.remove(&connection) {
+                    Some((path_switch::PathKind::Direct, _)) => self.direct_lost(),
+                    Some((path_switch::PathKind::Forwarded, _)) => {
+                        self.forward_attempts = 0;
+                        self.next_forward = None;
+                    }
+                    _ => {}
+                }
                 self.rtts.remove(&connection);
+                self.pings.remove(&connection);
                 let dead: Vec<PathId> = self
                     .paths
                     .iter()
@@ -276,11 +403,23 @@ impl Worker {
                 }
             }
             LinkInput::Stream { connection, stream } => {
-                let relayed = self.connections.get(&connection).copied().unwrap_or(false);
-                self.add_path(connection, relayed, stream, now);
+                // A stream may beat its connection's event; relay is the
+                // safe guess, corrected never (it is only a preference).
+                let kind = self
+                    .connections
+                    .get(&connection)
+                    .map_or(path_switch::PathKind::Relay, |(k, _)| *k);
+                self.add_path(connection, kind, stream, now);
             }
             LinkInput::Rtt { connection, rtt } => {
-                self.rtts.insert(connection, rtt);
+                if let Some(rtt) = rtt {
+                    self.rtts.insert(connection, rtt);
+                }
+                let log = self.pings.entry(connection).or_default();
+                if log.len() == PING_WINDOW {
+                    log.pop_front();
+                }
+                log.push_back(rtt.is_some());
             }
             LinkInput::Frame { path, frame } => {
                 self.status.bytes_in += frame.len() as u64;
@@ -293,7 +432,13 @@ impl Worker {
         }
     }
 
-    fn add_path(&mut self, connection: ConnectionId, relayed: bool, stream: Stream, now: Instant) {
+    fn add_path(
+        &mut self,
+        connection: ConnectionId,
+        kind: path_switch::PathKind,
+        stream: Stream,
+        now: Instant,
+    ) {
         let id = PathId(self.next_path);
         self.next_path += 1;
         let (mut rd, mut wr) = stream.split();
@@ -339,7 +484,6 @@ impl Worker {
             }
             let _ = wr.close().await;
         });
-        let kind = kind_of(relayed);
         tracing::info!(peer = %self.peer, path = ?kind, "path up");
         self.paths.insert(
             id,
@@ -390,9 +534,30 @@ impl Worker {
             }
         }
         while let Some(ev) = self.switch.poll_event() {
-            if let path_switch::Event::ActivePath(p) = ev {
-                let kind = p.and_then(|id| self.paths.get(&id)).map(|e| e.kind);
-                tracing::info!(peer = %self.peer, path = ?kind, "active path");
+            match ev {
+                path_switch::Event::ActivePath(p) => {
+                    let kind = p.and_then(|id| self.paths.get(&id)).map(|e| e.kind);
+                    tracing::info!(peer = %self.peer, path = ?kind, "active path");
+                }
+                path_switch::Event::PathDead(id) => {
+                    // Silent despite probes: a cut route or an expired NAT
+                    // mapping. Close its connection so it is not reused and
+                    // a fresh punch can replace it.
+                    if let Some(p) = self.paths.remove(&id) {
+                        tracing::warn!(peer = %self.peer, path = ?p.kind, "path silent; taken down");
+                        if matches!(
+                            self.connections.remove(&p.connection),
+                            Some((path_switch::PathKind::Direct, _))
+                        ) {
+                            self.direct_lost();
+                        }
+                        let _ = self
+                            .swarm
+                            .send(SwarmCommand::CloseConnection(p.connection))
+                            .await;
+                    }
+                }
+                path_switch::Event::ProbeRtt { .. } => {}
             }
         }
         while let Some(m) = self.switch.poll_deliver() {
@@ -416,6 +581,15 @@ impl Worker {
         self.status.rtt_ms = active
             .and_then(|p| self.rtts.get(&p.connection))
             .map(|d| d.as_secs_f64() * 1e3);
+        self.status.via = active
+            .and_then(|p| self.connections.get(&p.connection))
+            .and_then(|(_, via)| *via);
+        self.status.loss = active
+            .and_then(|p| self.pings.get(&p.connection))
+            .filter(|log| !log.is_empty())
+            .map_or(0.0, |log| {
+                log.iter().filter(|ok| !**ok).count() as f64 / log.len() as f64
+            });
         let now = Instant::now();
         let due = match &self.last_status_sent {
             None => true,

@@ -35,6 +35,25 @@ pub enum MeshCommand {
         peer: PeerId,
         reply: oneshot::Sender<Option<mpsc::Sender<Bytes>>>,
     },
+    /// Carry out this node's part of a punch the control server coordinates
+    /// (see [`SwarmCommand::Punch`]).
+    Punch {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        open_first: bool,
+        started: Option<oneshot::Sender<()>>,
+    },
+}
+
+/// How direct paths are punched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PunchMode {
+    /// Coordinated by the control server (seed 002) only.
+    Control,
+    /// libp2p DCUtR over the relayed connection only.
+    Dcutr,
+    /// Both at once; whichever gets there first carries the traffic.
+    Both,
 }
 
 /// A service's handle on the mesh: links to send on and the node's view of
@@ -69,6 +88,8 @@ impl MeshClient {
 #[derive(Debug)]
 pub enum MeshEvent {
     Reachable(Vec<Multiaddr>),
+    /// A link wants a coordinated punch to this peer.
+    PunchWanted(PeerId),
     Link(PeerId, LinkStatus),
 }
 
@@ -80,23 +101,37 @@ pub struct MeshHandle {
     pub local_peer_id: PeerId,
 }
 
-/// Addresses to dial a peer at, from what it published: relay circuits
-/// first (they work from anywhere), completed with the peer's id.
-fn dial_addresses(peer: PeerId, published: &[String]) -> Vec<Multiaddr> {
-    let mut circuits = Vec::new();
+/// Circuits to dial a peer at, from what it published, completed with the
+/// peer's id: through relay servers (they work from anywhere), and through
+/// members that forward, only those this node reaches directly, the one
+/// with the lowest RTT first (`direct_rtt`: member → RTT of our direct
+/// path to it).
+fn dial_addresses(
+    peer: PeerId,
+    published: &[String],
+    relays: &HashSet<PeerId>,
+    direct_rtt: &HashMap<PeerId, f64>,
+) -> (Vec<Multiaddr>, Vec<Multiaddr>) {
+    let mut relayed = Vec::new();
+    let mut forwarded = Vec::new();
     for a in published {
         let Ok(mut m) = a.parse::<Multiaddr>() else {
             continue;
         };
-        if !link_protocol::is_relayed(&m) {
+        let Some(via) = link_protocol::relay_of(&m) else {
             continue;
-        }
+        };
         if !matches!(m.iter().last(), Some(Protocol::P2p(_))) {
             m.push(Protocol::P2p(peer));
         }
-        circuits.push(m);
+        if relays.contains(&via) {
+            relayed.push(m);
+        } else if let Some(rtt) = direct_rtt.get(&via) {
+            forwarded.push((*rtt, m));
+        }
     }
-    circuits
+    forwarded.sort_by(|a, b| a.0.total_cmp(&b.0));
+    (relayed, forwarded.into_iter().map(|(_, m)| m).collect())
 }
 
 struct Mesh {
@@ -107,14 +142,26 @@ struct Mesh {
     events: mpsc::Sender<MeshEvent>,
     sinks: channel::Sinks,
     relays: HashSet<PeerId>,
+    punch: PunchMode,
+    /// What each member published, to recompute its dial addresses when
+    /// the set of members we reach directly changes.
+    published: HashMap<PeerId, Vec<String>>,
+    /// Members we have a direct path to, with its RTT (ms).
+    direct_rtt: HashMap<PeerId, f64>,
 }
 
-pub fn spawn(keypair: Keypair, listen: SocketAddr) -> Result<MeshHandle> {
+/// `forward`: whether this node forwards for other members (seed 004).
+pub fn spawn(
+    keypair: Keypair,
+    listen: SocketAddr,
+    punch: PunchMode,
+    forward: bool,
+) -> Result<MeshHandle> {
     let swarm::SwarmHandle {
         commands: swarm_tx,
         events: swarm_rx,
         local_peer_id,
-    } = swarm::spawn(keypair, listen)?;
+    } = swarm::spawn(keypair, listen, punch != PunchMode::Control, forward)?;
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let (sinks, inboxes) = channel::inboxes(4096);
@@ -127,6 +174,9 @@ pub fn spawn(keypair: Keypair, listen: SocketAddr) -> Result<MeshHandle> {
         events: ev_tx,
         sinks,
         relays: HashSet::new(),
+        punch,
+        published: HashMap::new(),
+        direct_rtt: HashMap::new(),
     };
     tokio::spawn(mesh.run(cmd_rx, swarm_rx, out_rx));
     Ok(MeshHandle {
@@ -156,7 +206,11 @@ impl Mesh {
                 },
                 o = link_out.recv() => match o {
                     Some(LinkOutput::Status(peer, s)) => {
+                        self.on_link_status(peer, &s).await;
                         if self.events.send(MeshEvent::Link(peer, s)).await.is_err() { return; }
+                    }
+                    Some(LinkOutput::PunchWanted(peer)) => {
+                        if self.events.send(MeshEvent::PunchWanted(peer)).await.is_err() { return; }
                     }
                     None => return,
                 },
@@ -177,27 +231,86 @@ impl Mesh {
                         self.swarm.clone(),
                         self.link_out.clone(),
                         self.sinks.clone(),
+                        self.punch != PunchMode::Dcutr,
                     )
                 });
+                let (relay, forwarded) =
+                    dial_addresses(peer, &addresses, &self.relays, &self.direct_rtt);
                 let _ = link
                     .input
-                    .send(LinkInput::Addresses(dial_addresses(peer, &addresses)))
+                    .send(LinkInput::Addresses { relay, forwarded })
                     .await;
+                self.published.insert(peer, addresses);
                 let _ = self.swarm.send(SwarmCommand::Allow(peer)).await;
             }
             MeshCommand::Remove { peer } => {
                 // Dropping the handle stops the worker; the swarm refuses
                 // and drops the peer's connections.
                 self.links.remove(&peer);
+                self.published.remove(&peer);
+                if self.direct_rtt.remove(&peer).is_some() {
+                    self.readdress().await;
+                }
                 let _ = self.swarm.send(SwarmCommand::Disallow(peer)).await;
             }
             MeshCommand::Relays(list) => {
                 self.relays = list.iter().map(|r| r.id).collect();
                 let _ = self.swarm.send(SwarmCommand::SetRelays(list)).await;
+                self.readdress().await;
             }
             MeshCommand::LinkSender { peer, reply } => {
                 let _ = reply.send(self.links.get(&peer).map(|l| l.send.clone()));
             }
+            MeshCommand::Punch {
+                peer,
+                addrs,
+                open_first,
+                started,
+            } => {
+                // Only members: the control server vouches, but a map that
+                // lags behind must not let a stranger in.
+                if self.links.contains_key(&peer) {
+                    let _ = self
+                        .swarm
+                        .send(SwarmCommand::Punch {
+                            peer,
+                            addrs,
+                            open_first,
+                            started,
+                        })
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Keeps the set of members reached directly; when it changes, every
+    /// link learns its forwarders again.
+    async fn on_link_status(&mut self, peer: PeerId, s: &LinkStatus) {
+        let before = self.direct_rtt.get(&peer).copied();
+        if s.path == crate::status::PathKind::Direct {
+            self.direct_rtt
+                .insert(peer, s.rtt_ms.unwrap_or(f64::MAX / 2.0));
+        } else {
+            self.direct_rtt.remove(&peer);
+        }
+        // RTT jitter alone does not reorder forwarders often enough to matter.
+        if before.is_some() != self.direct_rtt.contains_key(&peer) {
+            self.readdress().await;
+        }
+    }
+
+    async fn readdress(&mut self) {
+        for (peer, published) in &self.published {
+            let Some(link) = self.links.get(peer) else {
+                continue;
+            };
+            let (relay, forwarded) =
+                dial_addresses(*peer, published, &self.relays, &self.direct_rtt);
+            let _ = link
+                .input
+                .send(LinkInput::Addresses { relay, forwarded })
+                .await;
         }
     }
 
@@ -224,14 +337,24 @@ impl Mesh {
                         peer,
                         connection,
                         relayed,
+                        via,
                         ..
-                    } => (
-                        peer,
-                        LinkInput::Connected {
-                            connection,
-                            relayed,
-                        },
-                    ),
+                    } => {
+                        use crate::path_switch::PathKind as K;
+                        let kind = match via {
+                            _ if !relayed => K::Direct,
+                            Some(v) if !self.relays.contains(&v) => K::Forwarded,
+                            _ => K::Relay,
+                        };
+                        (
+                            peer,
+                            LinkInput::Connected {
+                                connection,
+                                kind,
+                                via,
+                            },
+                        )
+                    }
                     L::Disconnected { peer, connection } => {
                         (peer, LinkInput::Disconnected { connection })
                     }
@@ -262,5 +385,38 @@ impl Mesh {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dial_addresses_split_relays_from_forwarders_and_rank_forwarders_by_rtt() {
+        let (peer, relay, near, far, unknown) = (
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+        );
+        let circuit = |via: PeerId| format!("/ip4/192.0.2.1/udp/1/quic-v1/p2p/{via}/p2p-circuit");
+        let published = vec![
+            "/ip4/198.51.100.1/udp/9/quic-v1".to_string(),
+            circuit(far),
+            circuit(unknown),
+            circuit(relay),
+            circuit(near),
+            "not a multiaddr".to_string(),
+        ];
+        let relays = HashSet::from([relay]);
+        let rtt = HashMap::from([(near, 1.5), (far, 20.0)]);
+        let (r, f) = dial_addresses(peer, &published, &relays, &rtt);
+        let with_peer =
+            |via| -> Multiaddr { format!("{}/p2p/{peer}", circuit(via)).parse().unwrap() };
+        assert_eq!(r, vec![with_peer(relay)]);
+        // `unknown` is a member we have no direct path to: useless as a forwarder.
+        assert_eq!(f, vec![with_peer(near), with_peer(far)]);
     }
 }

@@ -89,6 +89,31 @@ pub struct Config {
     /// Bounds on the retransmission timeout of unreliable paths.
     pub min_rto: Duration,
     pub max_rto: Duration,
+    /// Dead-path detection; off by default (the caller may have its own).
+    pub liveness: Option<Liveness>,
+}
+
+/// How a path that went silent is found dead: a NAT mapping that expired or
+/// a cut route leaves a connection looking open for seconds (QUIC notices
+/// only at its idle timeout), while traffic should go back to the relay at
+/// once (seed 000).
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    /// A path not heard from for this long is sent a PING (the peer answers
+    /// every PING on the path it came from).
+    pub probe_after: Duration,
+    /// A path not heard from for this long (or eight smoothed RTTs, if more)
+    /// is taken down and reported as [`Event::PathDead`].
+    pub dead_after: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            probe_after: Duration::from_millis(250),
+            dead_after: Duration::from_millis(1200),
+        }
+    }
 }
 
 impl Default for Config {
@@ -102,6 +127,7 @@ impl Default for Config {
             initial_rtt: Duration::from_millis(200),
             min_rto: Duration::from_millis(10),
             max_rto: Duration::from_secs(2),
+            liveness: None,
         }
     }
 }
@@ -138,6 +164,9 @@ pub enum Event {
     ActivePath(Option<PathId>),
     /// A [`PathSwitch::probe`] was answered.
     ProbeRtt { path: PathId, rtt: Duration },
+    /// [`Liveness`] found the path dead and took it down; the caller should
+    /// close what carries it.
+    PathDead(PathId),
 }
 
 /// Counters of one path, kept while it is up.
@@ -226,6 +255,9 @@ struct Path {
     up_order: u64,
     rtt: Rtt,
     stats: PathStats,
+    /// Last frame from the peer on this path (or when it came up).
+    last_heard: Instant,
+    last_probe: Option<Instant>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -395,6 +427,7 @@ impl PathSwitch {
             Some(p) => {
                 p.kind = kind;
                 p.reliable = reliable;
+                p.last_heard = now;
                 p.stats.kind = kind;
                 p.stats.reliable = reliable;
                 if self.active == Some(id) {
@@ -409,6 +442,8 @@ impl PathSwitch {
                         reliable,
                         up_order: self.up_counter,
                         rtt: Rtt::new(),
+                        last_heard: now,
+                        last_probe: None,
                         stats: PathStats {
                             kind,
                             reliable,
@@ -508,6 +543,7 @@ impl PathSwitch {
         };
         let known = match self.paths.get_mut(&id) {
             Some(p) => {
+                p.last_heard = now;
                 p.stats.frames_in += 1;
                 p.stats.bytes_in += bytes.len() as u64;
                 true
@@ -585,6 +621,9 @@ impl PathSwitch {
         if let Some(s) = self.solicit_deadline() {
             t = Some(t.map_or(s, |t| t.min(s)));
         }
+        if let Some(l) = self.liveness_deadline() {
+            t = Some(t.map_or(l, |t| t.min(l)));
+        }
         t
     }
 
@@ -622,6 +661,7 @@ impl PathSwitch {
                 self.solicit_backoff = (self.solicit_backoff + 1).min(MAX_BACKOFF);
             }
         }
+        self.check_liveness(now);
     }
 
     // ---- internals ----
@@ -715,6 +755,50 @@ impl PathSwitch {
         }
         let rto = self.backed_off_rto(active);
         self.earliest_in_flight(Some(active)).map(|t| t + rto)
+    }
+
+    /// When a path is due for a liveness PING, or due to be declared dead.
+    fn liveness_deadline(&self) -> Option<Instant> {
+        let l = self.cfg.liveness.as_ref()?;
+        self.paths
+            .values()
+            .map(|p| {
+                let probe =
+                    p.last_probe.map_or(p.last_heard, |t| t.max(p.last_heard)) + l.probe_after;
+                probe.min(p.last_heard + Self::dead_after(l, p))
+            })
+            .min()
+    }
+
+    fn dead_after(l: &Liveness, p: &Path) -> Duration {
+        p.rtt.srtt.map_or(l.dead_after, |s| l.dead_after.max(s * 8))
+    }
+
+    fn check_liveness(&mut self, now: Instant) {
+        let Some(l) = self.cfg.liveness.clone() else {
+            return;
+        };
+        let mut dead = Vec::new();
+        let mut probe = Vec::new();
+        for (id, p) in &self.paths {
+            if now >= p.last_heard + Self::dead_after(&l, p) {
+                dead.push(*id);
+            } else if now
+                >= p.last_probe.map_or(p.last_heard, |t| t.max(p.last_heard)) + l.probe_after
+            {
+                probe.push(*id);
+            }
+        }
+        for id in probe {
+            self.send_ping(id, now);
+            if let Some(p) = self.paths.get_mut(&id) {
+                p.last_probe = Some(now);
+            }
+        }
+        for id in dead {
+            self.path_down(id, now);
+            self.event(Event::PathDead(id));
+        }
     }
 
     fn reselect(&mut self, now: Instant) {

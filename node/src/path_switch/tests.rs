@@ -595,6 +595,89 @@ fn probe_reports_path_rtt() {
 }
 
 #[test]
+fn a_silent_path_is_probed_then_declared_dead_and_traffic_moves_to_the_relay() {
+    let t0 = Instant::now();
+    let cfg = Config {
+        liveness: Some(Liveness {
+            probe_after: ms(250),
+            dead_after: ms(1200),
+        }),
+        ..Config::default()
+    };
+    let mut a = PathSwitch::new(cfg.clone());
+    let mut b = PathSwitch::new(cfg);
+    for ep in [&mut a, &mut b] {
+        ep.path_up(RELAY, PathKind::Relay, true, t0);
+        ep.path_up(DIRECT, PathKind::Direct, true, t0);
+        while ep.poll_event().is_some() {}
+    }
+    assert_eq!(a.active_path(), Some(DIRECT));
+    assert_eq!(a.poll_timeout(), Some(t0 + ms(250)));
+    // Both paths are probed after 250 ms of silence; only the relay answers
+    // (the direct path was cut).
+    let mut now = t0 + ms(250);
+    let mut direct_pings = 0;
+    while now < t0 + ms(1200) {
+        a.handle_timeout(now);
+        for t in drain(&mut a, now) {
+            assert!(matches!(decode(&t.frame).unwrap(), Frame::Ping { .. }));
+            if t.path == DIRECT {
+                direct_pings += 1;
+                continue;
+            }
+            b.on_frame(RELAY, &t.frame, now + ms(1)).unwrap();
+            for r in drain(&mut b, now + ms(1)) {
+                a.on_frame(r.path, &r.frame, now + ms(2)).unwrap();
+            }
+        }
+        assert!(a.active_path() == Some(DIRECT), "not dead before 1.2 s");
+        now = a.poll_timeout().unwrap().max(now + ms(1));
+    }
+    assert!(direct_pings >= 3, "probed {direct_pings} times");
+    a.handle_timeout(t0 + ms(1200));
+    let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+    assert!(events.contains(&Event::PathDead(DIRECT)), "{events:?}");
+    assert!(
+        events.contains(&Event::ActivePath(Some(RELAY))),
+        "{events:?}"
+    );
+    assert_eq!(a.active_path(), Some(RELAY));
+    assert!(a.path_stats(DIRECT).is_none());
+    // The relay, heard all along, stays.
+    a.handle_timeout(t0 + ms(1300));
+    assert_eq!(a.active_path(), Some(RELAY));
+}
+
+#[test]
+fn a_busy_path_is_never_probed_and_liveness_is_off_by_default() {
+    let t0 = Instant::now();
+    let mut a = PathSwitch::new(Config {
+        liveness: Some(Liveness::default()),
+        ..Config::default()
+    });
+    a.path_up(DIRECT, PathKind::Direct, true, t0);
+    let mut b = PathSwitch::new(Config::default());
+    b.path_up(DIRECT, PathKind::Direct, true, t0);
+    // B talks every 100 ms: A never probes and never gives up on the path.
+    for i in 1..50u64 {
+        let now = t0 + ms(100 * i);
+        b.send(Bytes::from(vec![i as u8])).unwrap();
+        for t in drain(&mut b, now) {
+            a.on_frame(DIRECT, &t.frame, now).unwrap();
+        }
+        a.handle_timeout(now);
+        for t in drain(&mut a, now) {
+            assert!(!matches!(decode(&t.frame).unwrap(), Frame::Ping { .. }));
+            b.on_frame(DIRECT, &t.frame, now).unwrap();
+        }
+        assert_eq!(a.active_path(), Some(DIRECT));
+    }
+    // B has no liveness: silence costs it nothing.
+    b.handle_timeout(t0 + Duration::from_secs(60));
+    assert_eq!(b.active_path(), Some(DIRECT));
+}
+
+#[test]
 fn send_window_and_size_limits() {
     let mut a = PathSwitch::new(Config {
         send_window: 4,

@@ -26,6 +26,20 @@ use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
 
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/peermesh/link/1");
 
+/// The peer that relays a circuit address: the `/p2p/X` just before
+/// `/p2p-circuit` (a relay server, or a member that forwards).
+pub fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
+    let mut last = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(id) => last = Some(id),
+            Protocol::P2pCircuit => return last,
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Whether an address goes through a relay circuit.
 pub fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| p == Protocol::P2pCircuit)
@@ -112,6 +126,8 @@ pub enum Event {
         peer: PeerId,
         connection: ConnectionId,
         relayed: bool,
+        /// Who carries a relayed connection (relay server or member).
+        via: Option<PeerId>,
         remote: Multiaddr,
     },
     Disconnected {
@@ -181,11 +197,19 @@ impl NetworkBehaviour for Behaviour {
         match event {
             FromSwarm::ConnectionEstablished(e) => {
                 let remote = e.endpoint.get_remote_address().clone();
+                let via = match e.endpoint {
+                    libp2p::core::ConnectedPoint::Dialer { address, .. } => relay_of(address),
+                    libp2p::core::ConnectedPoint::Listener {
+                        local_addr,
+                        send_back_addr,
+                    } => relay_of(local_addr).or_else(|| relay_of(send_back_addr)),
+                };
                 self.events
                     .push_back(ToSwarm::GenerateEvent(Event::Connected {
                         peer: e.peer_id,
                         connection: e.connection_id,
-                        relayed: e.endpoint.is_relayed() || is_relayed(&remote),
+                        relayed: e.endpoint.is_relayed() || is_relayed(&remote) || via.is_some(),
+                        via,
                         remote,
                     }));
             }
@@ -233,5 +257,32 @@ impl NetworkBehaviour for Behaviour {
             Some(e) => Poll::Ready(e),
             None => Poll::Pending,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relay_of_a_circuit_is_the_peer_before_p2p_circuit() {
+        let relay = PeerId::random();
+        let dst = PeerId::random();
+        let a: Multiaddr =
+            format!("/ip4/192.0.2.1/udp/4001/quic-v1/p2p/{relay}/p2p-circuit/p2p/{dst}")
+                .parse()
+                .unwrap();
+        assert_eq!(relay_of(&a), Some(relay));
+        assert!(is_relayed(&a));
+        let direct: Multiaddr = format!("/ip4/192.0.2.1/udp/4001/quic-v1/p2p/{dst}")
+            .parse()
+            .unwrap();
+        assert_eq!(relay_of(&direct), None);
+        assert!(!is_relayed(&direct));
+        // A circuit with no relay id names no relay.
+        let bare: Multiaddr = "/ip4/192.0.2.1/udp/4001/quic-v1/p2p-circuit"
+            .parse()
+            .unwrap();
+        assert_eq!(relay_of(&bare), None);
     }
 }

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::allow_block_list::{self, AllowedPeers};
+use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{dcutr, identify, identity::Keypair, noise, ping, relay, yamux, Multiaddr, PeerId};
@@ -34,6 +36,12 @@ const QUIC_IDLE_TIMEOUT_MS: u32 = 3_000;
 /// Keep-alive PINGs, so that a live but quiet connection is never idle for
 /// [`QUIC_IDLE_TIMEOUT_MS`].
 const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// Pings on every connection: RTT for link status and home-relay choice,
+/// and the death of a relay (a killed relay sends no CONNECTION_CLOSE).
+/// A relay that misses one ping's timeout is dropped and the node moves to
+/// the next-best relay (seed 001), well inside the QUIC idle timeout.
+const PING_INTERVAL: Duration = Duration::from_millis(500);
+const PING_TIMEOUT: Duration = Duration::from_millis(1000);
 
 #[derive(NetworkBehaviour)]
 pub struct MeshBehaviour {
@@ -41,7 +49,13 @@ pub struct MeshBehaviour {
     /// may connect; everyone else is refused at the connection level.
     allow: allow_block_list::Behaviour<AllowedPeers>,
     relay_client: relay::client::Behaviour,
-    dcutr: dcutr::Behaviour,
+    /// Off when punching goes only through the control server's rendezvous.
+    dcutr: Toggle<dcutr::Behaviour>,
+    /// Forwarding for other members (seed 004): a member with no direct
+    /// path to another reaches it through a member that has one, as a relay
+    /// v2 circuit (end-to-end encrypted; the forwarder sees ciphertext).
+    /// Off with `--no-forward`.
+    forward: Toggle<relay::Behaviour>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     link: link_protocol::Behaviour,
@@ -71,6 +85,24 @@ pub enum Command {
     Disconnect {
         peer: PeerId,
     },
+    /// Closes one connection (a path the link found dead).
+    CloseConnection(ConnectionId),
+    /// One more connection to `peer`, through `addr` (a circuit through a
+    /// forwarding member), even though one exists (through a relay server).
+    DialVia {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    /// A punch coordinated by the control server: with `open_first`, send
+    /// opening packets to `addrs` and wait for the peer's connection (the
+    /// callee's part); otherwise dial `addrs` now (the caller's part, once
+    /// the callee is open). `started` fires once the dial is under way.
+    Punch {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        open_first: bool,
+        started: Option<tokio::sync::oneshot::Sender<()>>,
+    },
     Allow(PeerId),
     Disallow(PeerId),
 }
@@ -81,10 +113,12 @@ pub enum Event {
     Reachable(Vec<Multiaddr>),
     HomeRelay(Option<PeerId>),
     Link(link_protocol::Event),
+    /// A ping on a member's connection: its RTT, or `None` when it timed
+    /// out (counted as loss).
     Rtt {
         peer: PeerId,
         connection: ConnectionId,
-        rtt: Duration,
+        rtt: Option<Duration>,
     },
     DirectUpgrade {
         peer: PeerId,
@@ -123,10 +157,62 @@ struct Task {
     listen: HashSet<Multiaddr>,
     observed: Option<Multiaddr>,
     last_reachable: Vec<Multiaddr>,
+    /// The reservation listener at the home relay.
+    home_listener: Option<ListenerId>,
+    /// Reservations at members we have a direct connection to, so that
+    /// members without one can reach us through them.
+    /// (member, the circuit address we publish for it).
+    forward_listeners: HashMap<ListenerId, (PeerId, Multiaddr)>,
+    forward_addrs: HashMap<PeerId, Multiaddr>,
+    /// Members asked for a reservation while their connection lasts.
+    forward_asked: HashSet<PeerId>,
+}
+
+/// Limits of the forwarding this node does for other members: few
+/// reservations and circuits per member, libp2p's default rate limits on
+/// new reservations and circuits per member and per IP, and no byte cap
+/// (a circuit carries a whole link).
+fn forward_config() -> relay::Config {
+    relay::Config {
+        max_reservations: 256,
+        max_reservations_per_peer: 2,
+        reservation_duration: Duration::from_secs(3600),
+        max_circuits: 256,
+        max_circuits_per_peer: 4,
+        max_circuit_duration: Duration::from_secs(24 * 3600),
+        max_circuit_bytes: 0,
+        ..Default::default()
+    }
+}
+
+/// Pays aws-lc's one-time initialisation (seeding its random generator
+/// takes about 70 ms on this class of machine) on a spare thread at process
+/// start, beside the control-plane join, instead of inside the first QUIC
+/// handshake, where it delays the first relay connection and so the first
+/// byte to every peer.
+pub fn warm_up_tls() {
+    std::thread::spawn(|| {
+        let started = std::time::Instant::now();
+        let mut seed = [0u8; 32];
+        let ok = rustls::crypto::aws_lc_rs::default_provider()
+            .secure_random
+            .fill(&mut seed)
+            .is_ok();
+        tracing::debug!(
+            ok,
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "TLS crypto warmed up"
+        );
+    });
 }
 
 /// Starts the swarm task listening on `listen` (UDP, QUIC).
-pub fn spawn(keypair: Keypair, listen: SocketAddr) -> Result<SwarmHandle> {
+pub fn spawn(
+    keypair: Keypair,
+    listen: SocketAddr,
+    dcutr: bool,
+    forward: bool,
+) -> Result<SwarmHandle> {
     let local_peer_id = keypair.public().to_peer_id();
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -140,12 +226,19 @@ pub fn spawn(keypair: Keypair, listen: SocketAddr) -> Result<SwarmHandle> {
         .with_behaviour(|key, relay_client| MeshBehaviour {
             allow: allow_block_list::Behaviour::default(),
             relay_client,
-            dcutr: dcutr::Behaviour::new(key.public().to_peer_id()),
+            dcutr: Toggle::from(dcutr.then(|| dcutr::Behaviour::new(key.public().to_peer_id()))),
+            forward: Toggle::from(
+                forward.then(|| relay::Behaviour::new(key.public().to_peer_id(), forward_config())),
+            ),
             identify: identify::Behaviour::new(identify::Config::new(
                 IDENTIFY_PROTOCOL.into(),
                 key.public(),
             )),
-            ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(2))),
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(PING_INTERVAL)
+                    .with_timeout(PING_TIMEOUT),
+            ),
             link: link_protocol::Behaviour::default(),
         })
         .map_err(|e| NodeError::Swarm(e.to_string()))?
@@ -163,6 +256,10 @@ pub fn spawn(keypair: Keypair, listen: SocketAddr) -> Result<SwarmHandle> {
         listen: HashSet::new(),
         observed: None,
         last_reachable: Vec::new(),
+        home_listener: None,
+        forward_listeners: HashMap::new(),
+        forward_addrs: HashMap::new(),
+        forward_asked: HashSet::new(),
     };
     task.swarm
         .listen_on(quic_addr(listen))
@@ -258,6 +355,45 @@ impl Task {
             Command::Disconnect { peer } => {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
+            Command::CloseConnection(id) => {
+                self.swarm.close_connection(id);
+            }
+            Command::DialVia { peer, addr } => {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(vec![addr])
+                    .condition(PeerCondition::Always)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    tracing::debug!(%peer, error = %e, "dial through a member");
+                }
+            }
+            Command::Punch {
+                peer,
+                addrs,
+                open_first,
+                started,
+            } => {
+                if addrs.is_empty() {
+                    return;
+                }
+                // Every candidate at once: the punch is timed.
+                let factor =
+                    std::num::NonZeroU8::new(addrs.len().min(255) as u8).expect("not empty");
+                let mut opts = DialOpts::peer_id(peer)
+                    .addresses(addrs.clone())
+                    .condition(PeerCondition::Always)
+                    .override_dial_concurrency_factor(factor);
+                if open_first {
+                    opts = opts.override_role();
+                }
+                tracing::debug!(%peer, ?addrs, open_first, "punch");
+                if let Err(e) = self.swarm.dial(opts.build()) {
+                    tracing::debug!(%peer, error = %e, "punch dial");
+                }
+                if let Some(s) = started {
+                    let _ = s.send(());
+                }
+            }
             Command::Allow(peer) => {
                 self.swarm.behaviour_mut().allow.allow_peer(peer);
             }
@@ -292,7 +428,8 @@ impl Task {
         };
         let circuit = circuit_addr(&addr, id);
         match self.swarm.listen_on(circuit.clone()) {
-            Ok(_) => {
+            Ok(listener) => {
+                self.home_listener = Some(listener);
                 tracing::info!(relay = %id, rtt_ms = ?best.rtt.map(|d| d.as_secs_f64() * 1e3), "home relay chosen");
                 self.home = Some(id);
                 self.home_since = Some(std::time::Instant::now());
@@ -306,6 +443,9 @@ impl Task {
         if let Some(r) = &self.reservation {
             out.push(r.clone());
         }
+        let mut forwarded: Vec<_> = self.forward_addrs.values().cloned().collect();
+        forwarded.sort();
+        out.extend(forwarded);
         if let Some(o) = &self.observed {
             out.push(o.clone());
         }
@@ -326,8 +466,18 @@ impl Task {
 
     async fn on_swarm(&mut self, ev: SwarmEvent<MeshBehaviourEvent>) {
         match ev {
-            SwarmEvent::NewListenAddr { address, .. } => {
-                if link_protocol::is_relayed(&address) {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                if let Some((member, circuit)) = self.forward_listeners.get(&listener_id) {
+                    // Published as we dialed the member, not as the
+                    // reservation says: a member's own addresses may be
+                    // relay circuits, and circuits do not nest. Whoever uses
+                    // it goes through its own direct connection to the member.
+                    tracing::info!(%member, %circuit, reserved = %address, "reachable through a member");
+                    self.forward_addrs.insert(*member, circuit.clone());
+                } else if link_protocol::is_relayed(&address) {
                     self.reservation = Some(address);
                     emit(&self.events, Event::HomeRelay(self.home)).await;
                 } else {
@@ -335,8 +485,13 @@ impl Task {
                 }
                 self.publish_reachable().await;
             }
-            SwarmEvent::ExpiredListenAddr { address, .. } => {
-                if self.reservation.as_ref() == Some(&address) {
+            SwarmEvent::ExpiredListenAddr {
+                listener_id,
+                address,
+            } => {
+                if let Some((member, _)) = self.forward_listeners.get(&listener_id) {
+                    self.forward_addrs.remove(member);
+                } else if self.reservation.as_ref() == Some(&address) {
                     self.reservation = None;
                     self.home = None;
                     emit(&self.events, Event::HomeRelay(None)).await;
@@ -345,9 +500,25 @@ impl Task {
                 self.publish_reachable().await;
             }
             SwarmEvent::ListenerClosed {
-                addresses, reason, ..
+                listener_id,
+                addresses,
+                reason,
+            } if self.forward_listeners.contains_key(&listener_id) => {
+                let (member, _) = self
+                    .forward_listeners
+                    .remove(&listener_id)
+                    .expect("checked");
+                tracing::debug!(%member, ?reason, "reservation at a member ended");
+                self.forward_addrs.remove(&member);
+                drop(addresses);
+                self.publish_reachable().await;
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
             } => {
-                if addresses.is_empty() {
+                if addresses.is_empty() && self.home_listener == Some(listener_id) {
                     // A reservation that was refused or failed before it
                     // was ever up: ask again (choose_home below).
                     tracing::warn!(?reason, "relay reservation failed");
@@ -364,10 +535,38 @@ impl Task {
                 self.publish_reachable().await;
                 self.choose_home();
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
                 if let Some(r) = self.relays.get_mut(&peer_id) {
                     r.connected = true;
+                } else if !endpoint.is_relayed()
+                    && !link_protocol::is_relayed(endpoint.get_remote_address())
+                    && self.forward_asked.insert(peer_id)
+                {
+                    // A direct connection to a member: reserve there, so
+                    // members that cannot reach us directly may go through it.
+                    let circuit = circuit_addr(endpoint.get_remote_address(), peer_id);
+                    match self.swarm.listen_on(circuit.clone()) {
+                        Ok(id) => {
+                            let published =
+                                circuit.with(Protocol::P2p(*self.swarm.local_peer_id()));
+                            self.forward_listeners.insert(id, (peer_id, published));
+                        }
+                        Err(e) => {
+                            tracing::debug!(member = %peer_id, error = %e, "reservation at a member")
+                        }
+                    }
                 }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } if !self.relays.contains_key(&peer_id) => {
+                // Its reservation (if any) ends with the connection; ask
+                // again on the next direct one.
+                self.forward_asked.remove(&peer_id);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -403,11 +602,34 @@ impl Task {
                         Event::Rtt {
                             peer,
                             connection,
-                            rtt,
+                            rtt: Some(rtt),
                         },
                     )
                     .await;
                 }
+            }
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(error),
+            })) if self.relays.contains_key(&peer) => {
+                tracing::warn!(relay = %peer, %error, home = self.home == Some(peer), "relay silent; dropping its connection");
+                self.swarm.close_connection(connection);
+            }
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(_),
+            })) => {
+                emit(
+                    &self.events,
+                    Event::Rtt {
+                        peer,
+                        connection,
+                        rtt: None,
+                    },
+                )
+                .await;
             }
             // A relay's view of our address is the public one (seed 001).
             SwarmEvent::Behaviour(MeshBehaviourEvent::Identify(identify::Event::Received {

@@ -1,0 +1,263 @@
+//! The rendezvous of seed 002: the control server coordinates a hole punch
+//! between two members instead of hoping that both dial at once.
+//!
+//! The caller asks for a punch to a peer (`RequestPunch`). The server hands
+//! the peer (the callee) the caller's candidates over the peer's open watch
+//! stream and tells it to send opening packets now; the callee answers
+//! `PunchReady` once its packets are out, with its own fresh candidates. Only
+//! then does the caller's call return, with the callee's candidates, and the
+//! caller dials: its first packet finds the callee's NAT already open for it.
+//! The order (callee opens, caller sends) is the one the seed prescribes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use peermesh_proto::api::{
+    PunchInstruction, PunchReadyRequest, RequestPunchRequest, RequestPunchResponse,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{ControlError, Result};
+use crate::registry::{NodeCtx, Registry};
+use crate::validate;
+
+/// How long a caller waits for the callee's `PunchReady`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Instructions queued towards one watch stream; more means the callee is
+/// not reading, and the punch is refused rather than queued.
+const MAILBOX: usize = 16;
+/// Punches one caller may have waiting at once.
+const MAX_PENDING_PER_CALLER: usize = 16;
+const MAX_PENDING: usize = 4096;
+
+struct Pending {
+    caller: String,
+    callee: String,
+    reply: oneshot::Sender<Vec<String>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Open watch streams per node: (stream number, its mailbox).
+    mailboxes: HashMap<String, Vec<(u64, mpsc::Sender<PunchInstruction>)>>,
+    pending: HashMap<u64, Pending>,
+}
+
+pub struct Rendezvous {
+    state: Mutex<State>,
+    next_id: AtomicU64,
+    timeout: Duration,
+}
+
+/// Unregisters a watch stream's mailbox when the stream ends.
+pub struct MailboxGuard {
+    rendezvous: Arc<Rendezvous>,
+    node_id: String,
+    stream: u64,
+}
+
+impl Drop for MailboxGuard {
+    fn drop(&mut self) {
+        let mut st = self.rendezvous.lock();
+        if let Some(list) = st.mailboxes.get_mut(&self.node_id) {
+            list.retain(|(n, _)| *n != self.stream);
+            if list.is_empty() {
+                st.mailboxes.remove(&self.node_id);
+            }
+        }
+    }
+}
+
+/// Removes a punch from the pending table however the caller's wait ends.
+struct PendingGuard<'a> {
+    rendezvous: &'a Rendezvous,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.rendezvous.lock().pending.remove(&self.id);
+    }
+}
+
+/// A member's direct candidates: what it sent now first, then what it
+/// published; relay circuits are not candidates for a punch.
+fn candidates(fresh: &[String], published: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for a in fresh.iter().chain(published) {
+        if !a.contains("/p2p-circuit") && !out.contains(a) {
+            out.push(a.clone());
+        }
+    }
+    out.truncate(validate::MAX_ADDRESSES);
+    out
+}
+
+impl Rendezvous {
+    pub fn new(timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State::default()),
+            // Not secret (PunchReady is checked against the callee), only
+            // unlikely to repeat across restarts.
+            next_id: AtomicU64::new(rand::random::<u64>() >> 1),
+            timeout,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A mailbox for one watch stream of `node_id`; instructions for the
+    /// node go to its newest stream.
+    pub fn mailbox(
+        self: &Arc<Self>,
+        node_id: &str,
+    ) -> (mpsc::Receiver<PunchInstruction>, MailboxGuard) {
+        let (tx, rx) = mpsc::channel(MAILBOX);
+        let stream = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock()
+            .mailboxes
+            .entry(node_id.to_string())
+            .or_default()
+            .push((stream, tx));
+        (
+            rx,
+            MailboxGuard {
+                rendezvous: self.clone(),
+                node_id: node_id.to_string(),
+                stream,
+            },
+        )
+    }
+
+    /// `RequestPunch`: tells the callee to open, waits for it, returns its
+    /// candidates.
+    pub async fn request(
+        &self,
+        registry: &Registry,
+        ctx: &NodeCtx,
+        req: &RequestPunchRequest,
+    ) -> Result<RequestPunchResponse> {
+        validate::addresses(&req.candidates)?;
+        if req.peer_id.is_empty() {
+            return Err(ControlError::invalid("peer_id is empty"));
+        }
+        if req.peer_id == ctx.node_id {
+            return Err(ControlError::invalid("cannot punch a hole to yourself"));
+        }
+        let callee = registry.member(ctx, &req.peer_id)?;
+        let me = registry.member(ctx, &ctx.node_id)?;
+        let instruction = PunchInstruction {
+            punch_id: 0,
+            peer_id: ctx.node_id.clone(),
+            peer_candidates: candidates(&req.candidates, &me.addresses),
+        };
+        let (id, rx) = {
+            let mut st = self.lock();
+            if st.pending.len() >= MAX_PENDING
+                || st
+                    .pending
+                    .values()
+                    .filter(|p| p.caller == ctx.node_id)
+                    .count()
+                    >= MAX_PENDING_PER_CALLER
+            {
+                return Err(ControlError::Unavailable(
+                    "too many punches waiting; retry later".into(),
+                ));
+            }
+            let mailbox = st
+                .mailboxes
+                .get(&req.peer_id)
+                .and_then(|l| l.last())
+                .map(|(_, tx)| tx.clone())
+                .ok_or_else(|| {
+                    ControlError::FailedPrecondition(format!(
+                        "peer {} is offline (no watch stream)",
+                        req.peer_id
+                    ))
+                })?;
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (reply, rx) = oneshot::channel();
+            mailbox
+                .try_send(PunchInstruction {
+                    punch_id: id,
+                    ..instruction
+                })
+                .map_err(|_| {
+                    ControlError::Unavailable("peer is not reading its instructions".into())
+                })?;
+            st.pending.insert(
+                id,
+                Pending {
+                    caller: ctx.node_id.clone(),
+                    callee: req.peer_id.clone(),
+                    reply,
+                },
+            );
+            (id, rx)
+        };
+        let _guard = PendingGuard {
+            rendezvous: self,
+            id,
+        };
+        tracing::debug!(punch = id, caller = %ctx.node_id, callee = %req.peer_id, "punch: callee told to open");
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(fresh)) => Ok(RequestPunchResponse {
+                punch_id: id,
+                peer_candidates: candidates(&fresh, &callee.addresses),
+            }),
+            Ok(Err(_)) => Err(ControlError::Unavailable(
+                "the punch was dropped; retry".into(),
+            )),
+            Err(_) => Err(ControlError::DeadlineExceeded(format!(
+                "peer {} did not answer the punch within {:?}",
+                req.peer_id, self.timeout
+            ))),
+        }
+    }
+
+    /// `PunchReady`: the callee's packets are out; release the caller.
+    pub fn ready(&self, ctx: &NodeCtx, req: &PunchReadyRequest) -> Result<()> {
+        validate::addresses(&req.candidates)?;
+        let mut st = self.lock();
+        match st.pending.get(&req.punch_id) {
+            Some(p) if p.callee == ctx.node_id => {}
+            _ => {
+                return Err(ControlError::not_found(format!(
+                    "no punch {} waits for this node (expired or not yours)",
+                    req.punch_id
+                )))
+            }
+        }
+        let p = st.pending.remove(&req.punch_id).expect("checked above");
+        // The caller may have given up a moment ago; nothing to do then.
+        let _ = p.reply.send(req.candidates.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_put_fresh_first_and_leave_out_circuits() {
+        let fresh = vec!["/ip4/1.2.3.4/udp/1/quic-v1".to_string()];
+        let published = vec![
+            "/ip4/5.6.7.8/udp/2/quic-v1/p2p/12D3KooWA/p2p-circuit".to_string(),
+            "/ip4/1.2.3.4/udp/1/quic-v1".to_string(),
+            "/ip4/10.0.0.1/udp/3/quic-v1".to_string(),
+        ];
+        assert_eq!(
+            candidates(&fresh, &published),
+            vec![
+                "/ip4/1.2.3.4/udp/1/quic-v1".to_string(),
+                "/ip4/10.0.0.1/udp/3/quic-v1".to_string()
+            ]
+        );
+    }
+}
