@@ -8,6 +8,7 @@
 //! upgrades every relayed connection to a direct one when it can; the link
 //! layer sees both connections and moves traffic between them.
 
+pub mod forward;
 pub mod link_protocol;
 
 use std::collections::{HashMap, HashSet};
@@ -55,7 +56,7 @@ pub struct MeshBehaviour {
     /// path to another reaches it through a member that has one, as a relay
     /// v2 circuit (end-to-end encrypted; the forwarder sees ciphertext).
     /// Off with `--no-forward`.
-    forward: Toggle<relay::Behaviour>,
+    forward: Toggle<forward::Forward>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     link: link_protocol::Behaviour,
@@ -228,7 +229,7 @@ pub fn spawn(
             relay_client,
             dcutr: Toggle::from(dcutr.then(|| dcutr::Behaviour::new(key.public().to_peer_id()))),
             forward: Toggle::from(
-                forward.then(|| relay::Behaviour::new(key.public().to_peer_id(), forward_config())),
+                forward.then(|| forward::Forward::new(key.public().to_peer_id(), forward_config())),
             ),
             identify: identify::Behaviour::new(identify::Config::new(
                 IDENTIFY_PROTOCOL.into(),
