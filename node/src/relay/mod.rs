@@ -58,17 +58,34 @@ pub fn quic_addr(addr: SocketAddr) -> Multiaddr {
 /// Relay v2 limits sized for relays that carry real traffic: the defaults
 /// (128 KiB and 2 minutes per circuit) are for bootstrapping only.
 fn relay_config(c: &RelayConfig) -> relay::Config {
-    relay::Config {
-        max_reservations: 16_384,
-        max_reservations_per_peer: c.max_reservations_per_peer,
-        reservation_duration: Duration::from_secs(3600),
-        max_circuits: 16_384,
-        max_circuits_per_peer: c.max_circuits_per_peer,
-        max_circuit_duration: Duration::from_secs(7 * 24 * 3600),
-        // 0: no byte cap.
-        max_circuit_bytes: 0,
-        ..Default::default()
-    }
+    per_peer_rates(
+        relay::Config {
+            max_reservations: 16_384,
+            max_reservations_per_peer: c.max_reservations_per_peer,
+            reservation_duration: Duration::from_secs(3600),
+            max_circuits: 16_384,
+            max_circuits_per_peer: c.max_circuits_per_peer,
+            max_circuit_duration: Duration::from_secs(7 * 24 * 3600),
+            // 0: no byte cap.
+            max_circuit_bytes: 0,
+            ..Default::default()
+        },
+        // A full mesh of N nodes opens about N circuits per node at once.
+        256,
+    )
+}
+
+/// Rate limits per peer only. libp2p's defaults also limit per source IP
+/// (60 new circuits a minute): every member behind one NAT, or a whole lab
+/// on loopback, shares that budget, and a 16-node mesh then waits minutes
+/// for its links. Relays here serve only members the control server
+/// vouches for, so the per-peer budget is the one that matters.
+pub(crate) fn per_peer_rates(mut c: relay::Config, per_minute: u32) -> relay::Config {
+    let per_minute = std::num::NonZeroU32::new(per_minute.max(1)).expect("at least 1");
+    c.reservation_rate_limiters.clear();
+    c.circuit_src_rate_limiters.clear();
+    c.reservation_rate_per_peer(per_minute, Duration::from_secs(60))
+        .circuit_src_per_peer(per_minute, Duration::from_secs(60))
 }
 
 #[derive(Default)]

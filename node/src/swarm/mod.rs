@@ -170,20 +170,22 @@ struct Task {
 }
 
 /// Limits of the forwarding this node does for other members: few
-/// reservations and circuits per member, libp2p's default rate limits on
-/// new reservations and circuits per member and per IP, and no byte cap
-/// (a circuit carries a whole link).
+/// reservations and circuits per member, at most 30 new ones a minute per
+/// member, and no byte cap (a circuit carries a whole link).
 fn forward_config() -> relay::Config {
-    relay::Config {
-        max_reservations: 256,
-        max_reservations_per_peer: 2,
-        reservation_duration: Duration::from_secs(3600),
-        max_circuits: 256,
-        max_circuits_per_peer: 4,
-        max_circuit_duration: Duration::from_secs(24 * 3600),
-        max_circuit_bytes: 0,
-        ..Default::default()
-    }
+    crate::relay::per_peer_rates(
+        relay::Config {
+            max_reservations: 256,
+            max_reservations_per_peer: 2,
+            reservation_duration: Duration::from_secs(3600),
+            max_circuits: 256,
+            max_circuits_per_peer: 4,
+            max_circuit_duration: Duration::from_secs(24 * 3600),
+            max_circuit_bytes: 0,
+            ..Default::default()
+        },
+        30,
+    )
 }
 
 /// Pays aws-lc's one-time initialisation (seeding its random generator
