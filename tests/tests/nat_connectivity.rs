@@ -261,16 +261,6 @@ fn sequential_symmetric_and_port_restricted_go_direct_through_port_prediction() 
 }
 
 #[test]
-fn sequential_symmetric_pair_goes_direct_through_port_prediction() {
-    goes_direct_with(
-        "predict_seq_seq",
-        NatKind::SymmetricSequential,
-        NatKind::SymmetricSequential,
-        &["--punch", "control"],
-    );
-}
-
-#[test]
 fn full_cone_and_full_cone_go_direct() {
     goes_direct("fc_fc", NatKind::FullCone, NatKind::FullCone);
 }
