@@ -171,6 +171,9 @@ pub struct Node {
     stun_primary: Option<SocketAddr>,
     /// Punches asked for while discovery still runs.
     deferred_punches: Vec<libp2p::PeerId>,
+    /// The mapping verdict is in: deferred punches may go.
+    nat_early_tx: mpsc::Sender<()>,
+    nat_early_rx: mpsc::Receiver<()>,
     /// The port predictor once discovery is done (`None` inside: no
     /// prediction); `None` while it runs.
     predictor_tx: watch::Sender<Option<Option<(SocketAddr, i32)>>>,
@@ -274,6 +277,7 @@ impl Node {
             nat: None,
         });
         let (nat_tx, nat_rx) = mpsc::channel(1);
+        let (nat_early_tx, nat_early_rx) = mpsc::channel(1);
         let mut mesh = mesh::spawn(keypair, config.listen, config.punch, config.forward)?;
         let mut mesh_inboxes = std::mem::replace(
             &mut mesh.inboxes,
@@ -309,6 +313,8 @@ impl Node {
                 nat_started: false,
                 stun_primary: None,
                 deferred_punches: Vec::new(),
+                nat_early_tx,
+                nat_early_rx,
                 predictor_tx: watch::Sender::new(None),
                 nat_tx,
                 nat_rx,
@@ -457,7 +463,7 @@ impl Node {
             MeshEvent::PunchWanted(peer) => {
                 // A punch before discovery knows the NAT would open a
                 // mapping that prediction then cannot name: wait for it.
-                if self.nat_started && self.nat.is_none() {
+                if self.nat_started && self.predictor_tx.borrow().is_none() {
                     if !self.deferred_punches.contains(&peer) {
                         self.deferred_punches.push(peer);
                     }
@@ -496,8 +502,27 @@ impl Node {
         self.stun_primary = Some(primary);
         self.nat_started = true;
         let tx = self.nat_tx.clone();
+        let (early_tx, early_rx) =
+            tokio::sync::oneshot::channel::<crate::nat_discovery::NatBehavior>();
+        let predictor_tx = self.predictor_tx.clone();
+        let punch_tx = self.nat_early_tx.clone();
+        // The mapping verdict (what prediction needs) comes in a few round
+        // trips; punches held for it go out then, not after the filtering
+        // tests have waited out their retries.
         tokio::spawn(async move {
-            match crate::nat_discovery::run(primary).await {
+            if let Ok(early) = early_rx.await {
+                let p = match early.mapping {
+                    Some(crate::nat_discovery::Mapping::Sequential { stride }) => {
+                        Some((primary, stride))
+                    }
+                    _ => None,
+                };
+                predictor_tx.send_replace(Some(p));
+                let _ = punch_tx.send(()).await;
+            }
+        });
+        tokio::spawn(async move {
+            match crate::nat_discovery::run_with_early(primary, early_tx).await {
                 Ok(nat) => {
                     let _ = tx.send(Some(nat)).await;
                 }
@@ -512,12 +537,7 @@ impl Node {
     /// Where and by how much to predict this node's next public port: set
     /// once discovery found a sequential symmetric NAT (seed 003).
     fn predictor(&self) -> Option<(SocketAddr, i32)> {
-        match self.nat.as_ref()?.mapping? {
-            crate::nat_discovery::Mapping::Sequential { stride } => {
-                Some((self.stun_primary?, stride))
-            }
-            _ => None,
-        }
+        self.predictor_tx.borrow().flatten()
     }
 
     /// This node's direct candidates for a punch, freshest (observed) first.
@@ -573,7 +593,7 @@ impl Node {
         let mut client = self.client.clone();
         let candidates = self.punch_candidates();
         let mut known = self.predictor_tx.subscribe();
-        let discovering = self.nat_started && self.nat.is_none();
+        let discovering = self.nat_started && self.predictor_tx.borrow().is_none();
         let predictor = self.predictor();
         tokio::spawn(async move {
             // As for the caller: no opening packet before the NAT is known
@@ -639,6 +659,11 @@ impl Node {
         let mut links_dirty = true;
         loop {
             tokio::select! {
+                Some(()) = self.nat_early_rx.recv() => {
+                    for peer in std::mem::take(&mut self.deferred_punches) {
+                        self.request_punch(peer);
+                    }
+                }
                 Some(result) = self.nat_rx.recv() => {
                     let Some(nat) = result else {
                         // Punch without prediction from now on.
@@ -653,7 +678,13 @@ impl Node {
                     self.view.send_modify(|v| v.nat = Some(nat.clone()));
                     let report = nat.to_proto();
                     self.nat = Some(nat);
-                    self.predictor_tx.send_replace(Some(self.predictor()));
+                    let predictor = match self.nat.as_ref().and_then(|n| n.mapping) {
+                        Some(crate::nat_discovery::Mapping::Sequential { stride }) => {
+                            self.stun_primary.map(|p| (p, stride))
+                        }
+                        _ => None,
+                    };
+                    self.predictor_tx.send_replace(Some(predictor));
                     for peer in std::mem::take(&mut self.deferred_punches) {
                         self.request_punch(peer);
                     }

@@ -100,9 +100,21 @@ pub struct Discovery {
     result: Option<NatBehavior>,
     /// Datagrams that were not an answer we wait for.
     pub ignored: u64,
+    /// Only the mapping tests: a few round trips, no waiting for answers
+    /// that a filtering NAT drops (what port prediction needs first).
+    mapping_only: bool,
 }
 
 impl Discovery {
+    /// The mapping tests alone (their `filtering` stays `None`). Run from
+    /// its own socket beside a full [`Discovery`], it answers in a few
+    /// round trips where the filtering tests wait out their retries.
+    pub fn mapping_only(primary: SocketAddr, local: Option<SocketAddr>, now: Instant) -> Self {
+        let mut d = Self::new(primary, local, now);
+        d.mapping_only = true;
+        d
+    }
+
     /// `local`: the socket's own address, if known, to tell "no NAT".
     pub fn new(primary: SocketAddr, local: Option<SocketAddr>, now: Instant) -> Self {
         let mut d = Self {
@@ -117,6 +129,7 @@ impl Discovery {
             mapped: Vec::new(),
             result: None,
             ignored: 0,
+            mapping_only: false,
         };
         d.start(Test::Primary, now);
         d
@@ -226,6 +239,7 @@ impl Discovery {
                 self.finish(true);
                 return;
             }
+            (Test::Primary, Some(_)) if self.mapping_only => Test::AltIp,
             (Test::Primary, Some(_)) => Test::FilterBoth,
             (Test::FilterBoth, Some(_)) => Test::AltIp,
             (Test::FilterBoth, None) => Test::FilterPort,
@@ -283,7 +297,7 @@ impl Discovery {
             _ => None,
         };
         let heard = |t| self.port_of(t).is_some();
-        let filtering = if !udp || self.other.is_none() {
+        let filtering = if !udp || self.other.is_none() || self.mapping_only {
             None
         } else if heard(Test::FilterBoth) {
             Some(Filtering::EndpointIndependent)
@@ -303,9 +317,29 @@ impl Discovery {
     }
 }
 
-/// Runs discovery against `primary` from a fresh UDP socket (the NAT treats
-/// it like the mesh's own socket: same host, same rules).
+/// Runs discovery against `primary` from fresh UDP sockets (the NAT treats
+/// them like the mesh's own socket: same host, same rules): the mapping
+/// verdict goes to `early` as soon as it is known (a few round trips), the
+/// full verdict is returned once the filtering tests are done.
+pub async fn run_with_early(
+    primary: SocketAddr,
+    early: tokio::sync::oneshot::Sender<NatBehavior>,
+) -> std::io::Result<NatBehavior> {
+    let fast = async {
+        if let Ok(m) = drive(primary, true).await {
+            let _ = early.send(m);
+        }
+    };
+    let (_, full) = tokio::join!(fast, drive(primary, false));
+    full
+}
+
+/// Runs the whole discovery from one fresh socket.
 pub async fn run(primary: SocketAddr) -> std::io::Result<NatBehavior> {
+    drive(primary, false).await
+}
+
+async fn drive(primary: SocketAddr, mapping_only: bool) -> std::io::Result<NatBehavior> {
     let bind: SocketAddr = if primary.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -319,7 +353,11 @@ pub async fn run(primary: SocketAddr) -> std::io::Result<NatBehavior> {
         probe.connect(primary)?;
         SocketAddr::new(probe.local_addr()?.ip(), socket.local_addr()?.port())
     };
-    let mut d = Discovery::new(primary, Some(local), Instant::now());
+    let mut d = if mapping_only {
+        Discovery::mapping_only(primary, Some(local), Instant::now())
+    } else {
+        Discovery::new(primary, Some(local), Instant::now())
+    };
     let mut buf = [0u8; stun::MAX_MESSAGE + 1];
     loop {
         let now = Instant::now();

@@ -243,6 +243,42 @@ fn a_sequential_nat_with_port_churn_is_still_sequential() {
 }
 
 #[test]
+fn the_mapping_alone_is_known_in_a_few_round_trips() {
+    for (name, nat) in every_nat() {
+        let mut w = world(9, nat.clone(), 0.0);
+        let local = SocketAddr::new(w.sim.host_ip(w.client), LOCAL_PORT);
+        let start = w.sim.now();
+        let mut d = Discovery::mapping_only(SocketAddr::new(PRIMARY, PORTS[0]), Some(local), start);
+        let got = loop {
+            let now = w.sim.now();
+            d.handle_timeout(now);
+            while let Some((to, bytes)) = d.poll_transmit(now) {
+                w.sim.send(w.client, LOCAL_PORT, to, bytes);
+            }
+            if let Some(r) = d.result() {
+                break r.clone();
+            }
+            let next = [d.poll_timeout(), w.sim.next_event_time()]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap();
+            w.sim.run_until(next);
+            serve(&mut w);
+            let now = w.sim.now();
+            while let Some(dg) = w.sim.recv(w.client) {
+                d.handle_datagram(dg.from, &dg.payload, now);
+            }
+        };
+        let took = w.sim.now() - start;
+        assert_eq!(got.mapping, expect(nat).0, "{name}");
+        assert_eq!(got.filtering, None, "{name}");
+        // Four request/answer exchanges of ~32 ms each, no retry waits.
+        assert!(took < Duration::from_millis(200), "{name}: {took:?}");
+    }
+}
+
+#[test]
 fn blocked_udp_is_reported_after_the_retries() {
     let mut w = world(7, Some(NatConfig::port_restricted()), 1.0);
     let (got, took) = discover(&mut w);
