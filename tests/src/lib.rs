@@ -22,6 +22,7 @@ use serde_json::Value;
 pub struct Bins {
     pub control_server: PathBuf,
     pub meshnode: PathBuf,
+    pub hosting_server: PathBuf,
 }
 
 /// The target directory of the running executable (target/<profile>).
@@ -35,7 +36,7 @@ fn profile_dir() -> PathBuf {
 }
 
 impl Bins {
-    /// Builds `control-server` and `meshnode` in the profile of the running
+    /// Builds `control-server`, `meshnode` and `hosting-server` in the profile of the running
     /// test (a no-op when they are fresh) and returns their paths.
     pub fn get() -> &'static Bins {
         static BINS: OnceLock<Bins> = OnceLock::new();
@@ -54,6 +55,8 @@ impl Bins {
                 "peermesh-node",
                 "-p",
                 "peermesh-control-server",
+                "-p",
+                "peermesh-hosting-server",
                 "--bins",
             ]);
             if release {
@@ -64,6 +67,7 @@ impl Bins {
             Bins {
                 control_server: dir.join("control-server"),
                 meshnode: dir.join("meshnode"),
+                hosting_server: dir.join("hosting-server"),
             }
         })
     }

@@ -60,7 +60,7 @@ fn nat_sites_fetch_from_each_other() {
         make_file(&file, 16 << 20, 0xa11ce)?;
         let want = blake3_file(&file)?;
         let log = m.dir.path().join("origin.log");
-        let mut cmd = Command::new(support::hosting_server_bin());
+        let mut cmd = Command::new(&peermesh_tests::Bins::get().hosting_server);
         cmd.arg("serve")
             .arg("--listen")
             .arg(format!("{}:{ORIGIN_PORT}", host.ip()))

@@ -26,7 +26,7 @@ use peermesh_node::session::state::SessionView;
 use peermesh_tests::meshlab::MeshLab;
 use peermesh_tests::netlab::{lab_or_skip, NatKind, SiteOpts};
 use serde_json::Value;
-use support::{group, hosting_server_bin, play, Game, Phase, SessionOrigin, DOWN, LEFT, RIGHT, UP};
+use support::{group, play, Game, Phase, SessionOrigin, DOWN, LEFT, RIGHT, UP};
 
 const PLAYERS: usize = 4;
 
@@ -236,7 +236,7 @@ fn nat_lab_session_across_nat_kinds() {
 
 fn nat_session(m: &mut MeshLab) -> Result<()> {
     const SLOW: Duration = Duration::from_secs(60);
-    hosting_server_bin();
+    peermesh_tests::Bins::get();
     m.start_public()?;
     let kinds = [
         NatKind::FullCone,
@@ -282,7 +282,7 @@ fn nat_session(m: &mut MeshLab) -> Result<()> {
     let content = m.dir.path().join("origin-content");
     std::fs::create_dir_all(&content)?;
     let log = m.dir.path().join("hosting-server.log");
-    let mut cmd = std::process::Command::new(hosting_server_bin());
+    let mut cmd = std::process::Command::new(&peermesh_tests::Bins::get().hosting_server);
     cmd.arg("serve")
         .arg("--listen")
         .arg(udp.to_string())

@@ -7,42 +7,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use peermesh_tests::{free_port, wait_for, Bins};
 use serde_json::Value;
-
-/// `hosting-server`, built in the profile of the running test (after the other binaries).
-pub fn hosting_server_bin() -> &'static PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let meshnode = &Bins::get().meshnode;
-        let dir = meshnode.parent().expect("bin dir").to_path_buf();
-        let release = dir.file_name().is_some_and(|n| n == "release");
-        let cargo = option_env!("CARGO").unwrap_or("cargo");
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace");
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace).args([
-            "build",
-            "--quiet",
-            "-p",
-            "peermesh-hosting-server",
-            "--bins",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().expect("cargo build").success(),
-            "building hosting-server failed"
-        );
-        dir.join("hosting-server")
-    })
-}
 
 /// A running `hosting-server serve` on loopback.
 pub struct Origin {
@@ -62,7 +31,7 @@ impl Origin {
     pub fn start(content: &Path, log: PathBuf) -> Result<Self> {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let out = std::fs::File::create(&log)?;
-        let child = Command::new(hosting_server_bin())
+        let child = Command::new(&Bins::get().hosting_server)
             .arg("serve")
             .arg("--listen")
             .arg(addr.to_string())

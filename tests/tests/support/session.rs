@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -23,36 +23,6 @@ pub const UP: u8 = 1;
 pub const DOWN: u8 = 2;
 pub const LEFT: u8 = 4;
 pub const RIGHT: u8 = 8;
-
-/// `hosting-server`, built in the profile of the running test or bench.
-pub fn hosting_server_bin() -> &'static PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let meshnode = &Bins::get().meshnode;
-        let dir = meshnode.parent().expect("bin dir").to_path_buf();
-        let release = dir.file_name().is_some_and(|n| n == "release");
-        let cargo = option_env!("CARGO").unwrap_or("cargo");
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace");
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace).args([
-            "build",
-            "--quiet",
-            "-p",
-            "peermesh-hosting-server",
-            "--bins",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().expect("cargo build").success(),
-            "building hosting-server failed"
-        );
-        dir.join("hosting-server")
-    })
-}
 
 /// A running `hosting-server serve` on loopback, with its session endpoint.
 pub struct SessionOrigin {
@@ -78,7 +48,7 @@ impl SessionOrigin {
         let log = dir.join("hosting-server.log");
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let out = std::fs::File::create(&log)?;
-        let child = Command::new(hosting_server_bin())
+        let child = Command::new(&Bins::get().hosting_server)
             .arg("serve")
             .arg("--listen")
             .arg(http.to_string())
