@@ -32,7 +32,7 @@ const PENDING_LIMIT: usize = 1024;
 /// How often a link with no path asks the swarm to dial again.
 const REDIAL: Duration = Duration::from_millis(500);
 /// Waits between coordinated punch attempts while no direct path exists:
-/// the first goes out as soon as the relayed connection is up, later ones
+/// the first goes out as soon as the relayed path is up, later ones
 /// back off to this cap.
 const PUNCH_BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const PUNCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -366,7 +366,6 @@ impl Worker {
                 via,
             } => {
                 tracing::debug!(peer = %self.peer, ?connection, ?kind, ?via, "connection up");
-                let relayed = kind != path_switch::PathKind::Direct;
                 self.connections.insert(connection, (kind, via));
                 if self.leads() {
                     let _ = self
@@ -376,9 +375,6 @@ impl Worker {
                             connection,
                         })
                         .await;
-                }
-                if relayed {
-                    self.maybe_punch().await;
                 }
             }
             LinkInput::Disconnected { connection } => {
@@ -410,6 +406,11 @@ impl Worker {
                     .get(&connection)
                     .map_or(path_switch::PathKind::Relay, |(k, _)| *k);
                 self.add_path(connection, kind, stream, now);
+                // The punch is asked for once the relayed path carries the
+                // link, so that the relay is always the first path up.
+                if kind != path_switch::PathKind::Direct {
+                    self.maybe_punch().await;
+                }
             }
             LinkInput::Rtt { connection, rtt } => {
                 if let Some(rtt) = rtt {
