@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use peermesh_proto::api::{
-    PunchInstruction, PunchReadyRequest, RequestPunchRequest, RequestPunchResponse,
+    ProbeOffer, PunchInstruction, PunchReadyRequest, RequestPunchRequest, RequestPunchResponse,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -35,7 +35,9 @@ const MAX_PENDING: usize = 4096;
 struct Pending {
     caller: String,
     callee: String,
-    reply: oneshot::Sender<Vec<String>>,
+    /// Whether the caller made a probe offer (the callee may take it up).
+    probe: bool,
+    reply: oneshot::Sender<(Vec<String>, Option<ProbeOffer>)>,
 }
 
 #[derive(Default)]
@@ -142,6 +144,9 @@ impl Rendezvous {
         req: &RequestPunchRequest,
     ) -> Result<RequestPunchResponse> {
         validate::addresses(&req.candidates)?;
+        if let Some(o) = &req.probe {
+            probe_offer(o)?;
+        }
         if req.peer_id.is_empty() {
             return Err(ControlError::invalid("peer_id is empty"));
         }
@@ -150,10 +155,17 @@ impl Rendezvous {
         }
         let callee = registry.member(ctx, &req.peer_id)?;
         let me = registry.member(ctx, &ctx.node_id)?;
+        let probe_secret = if req.probe.is_some() {
+            rand::random::<u64>()
+        } else {
+            0
+        };
         let instruction = PunchInstruction {
             punch_id: 0,
             peer_id: ctx.node_id.clone(),
             peer_candidates: candidates(&req.candidates, &me.addresses),
+            peer_probe: req.probe.clone(),
+            probe_secret,
         };
         let (id, rx) = {
             let mut st = self.lock();
@@ -195,6 +207,7 @@ impl Rendezvous {
                 Pending {
                     caller: ctx.node_id.clone(),
                     callee: req.peer_id.clone(),
+                    probe: req.probe.is_some(),
                     reply,
                 },
             );
@@ -206,9 +219,11 @@ impl Rendezvous {
         };
         tracing::debug!(punch = id, caller = %ctx.node_id, callee = %req.peer_id, "punch: callee told to open");
         match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(fresh)) => Ok(RequestPunchResponse {
+            Ok(Ok((fresh, peer_probe))) => Ok(RequestPunchResponse {
                 punch_id: id,
                 peer_candidates: candidates(&fresh, &callee.addresses),
+                peer_probe,
+                probe_secret,
             }),
             Ok(Err(_)) => Err(ControlError::Unavailable(
                 "the punch was dropped; retry".into(),
@@ -223,9 +238,18 @@ impl Rendezvous {
     /// `PunchReady`: the callee's packets are out; release the caller.
     pub fn ready(&self, ctx: &NodeCtx, req: &PunchReadyRequest) -> Result<()> {
         validate::addresses(&req.candidates)?;
+        if let Some(o) = &req.probe {
+            probe_offer(o)?;
+        }
         let mut st = self.lock();
         match st.pending.get(&req.punch_id) {
-            Some(p) if p.callee == ctx.node_id => {}
+            Some(p) if p.callee == ctx.node_id => {
+                if !p.probe && req.probe.is_some() {
+                    return Err(ControlError::invalid(
+                        "the caller made no probe offer to answer",
+                    ));
+                }
+            }
             _ => {
                 return Err(ControlError::not_found(format!(
                     "no punch {} waits for this node (expired or not yours)",
@@ -235,9 +259,33 @@ impl Rendezvous {
         }
         let p = st.pending.remove(&req.punch_id).expect("checked above");
         // The caller may have given up a moment ago; nothing to do then.
-        let _ = p.reply.send(req.candidates.clone());
+        let _ = p.reply.send((req.candidates.clone(), req.probe.clone()));
         Ok(())
     }
+}
+
+/// A probe offer names a socket address and a known mapping behaviour.
+fn probe_offer(o: &ProbeOffer) -> Result<()> {
+    o.endpoint.parse::<std::net::SocketAddr>().map_err(|_| {
+        ControlError::invalid(format!("probe endpoint {:?} is not host:port", o.endpoint))
+    })?;
+    let known = [
+        "",
+        "endpoint_independent",
+        "address_dependent",
+        "sequential",
+        "random",
+    ];
+    if !known.contains(&o.mapping.as_str()) {
+        return Err(ControlError::invalid(format!(
+            "unknown NAT mapping {:?}",
+            o.mapping
+        )));
+    }
+    if o.port_stride.unsigned_abs() > 1024 {
+        return Err(ControlError::invalid("port stride out of range"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

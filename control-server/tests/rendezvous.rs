@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use peermesh_proto::api::{
-    network_map_update::Kind, NetworkMapUpdate, PunchInstruction, PunchReadyRequest,
+    network_map_update::Kind, NetworkMapUpdate, ProbeOffer, PunchInstruction, PunchReadyRequest,
     RequestPunchRequest, UpdateEndpointsRequest, WatchNetworkMapRequest,
 };
 use tonic::{Code, Streaming};
@@ -67,6 +67,7 @@ async fn callee_opens_first_then_the_caller_gets_its_candidates() {
                 RequestPunchRequest {
                     peer_id: peer,
                     candidates: vec![A_OBSERVED.into(), CIRCUIT.into()],
+                    probe: None,
                 },
                 &cred,
             ))
@@ -90,6 +91,7 @@ async fn callee_opens_first_then_the_caller_gets_its_candidates() {
             PunchReadyRequest {
                 punch_id: instruction.punch_id,
                 candidates: vec![],
+                probe: None,
             },
             a.credential(),
         ))
@@ -101,6 +103,7 @@ async fn callee_opens_first_then_the_caller_gets_its_candidates() {
         PunchReadyRequest {
             punch_id: instruction.punch_id,
             candidates: vec![B_FRESH.into()],
+            probe: None,
         },
         b.credential(),
     ))
@@ -119,6 +122,7 @@ async fn callee_opens_first_then_the_caller_gets_its_candidates() {
             PunchReadyRequest {
                 punch_id: instruction.punch_id,
                 candidates: vec![],
+                probe: None,
             },
             b.credential(),
         ))
@@ -144,6 +148,7 @@ async fn refusals_are_clear() {
     let ask = |peer: &str, candidates: Vec<String>| RequestPunchRequest {
         peer_id: peer.to_string(),
         candidates,
+        probe: None,
     };
 
     assert_status(
@@ -205,6 +210,7 @@ async fn refusals_are_clear() {
             PunchReadyRequest {
                 punch_id: instruction.punch_id,
                 candidates: vec![],
+                probe: None,
             },
             b.credential(),
         ))
@@ -212,4 +218,163 @@ async fn refusals_are_clear() {
         Code::NotFound,
         "expired",
     );
+}
+
+/// A punch from probe sockets: both offers cross over with one secret, bad
+/// offers are refused, and a callee may decline by answering without one.
+#[tokio::test]
+async fn probe_offers_cross_over_with_one_secret() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let mut node = server.node().await;
+    create_group(&server, &mut admin, "lab").await;
+    let token = create_token(&server, &mut admin, "lab", 0, 0).await.token;
+    let a = join(&mut node, &token, "alpha").await;
+    let b = join(&mut node, &token, "beta").await;
+    let mut b_stream = watch(&mut node, &b).await;
+    let offer = |endpoint: &str, mapping: &str| ProbeOffer {
+        endpoint: endpoint.into(),
+        mapping: mapping.into(),
+        port_stride: 0,
+        fallback: false,
+    };
+
+    assert_status(
+        node.request_punch(bearer(
+            RequestPunchRequest {
+                peer_id: b.node_id().to_string(),
+                candidates: vec![],
+                probe: Some(offer("not an endpoint", "random")),
+            },
+            a.credential(),
+        ))
+        .await,
+        Code::InvalidArgument,
+        "not host:port",
+    );
+    assert_status(
+        node.request_punch(bearer(
+            RequestPunchRequest {
+                peer_id: b.node_id().to_string(),
+                candidates: vec![],
+                probe: Some(offer("198.51.100.1:4000", "sideways")),
+            },
+            a.credential(),
+        ))
+        .await,
+        Code::InvalidArgument,
+        "unknown NAT mapping",
+    );
+
+    let caller = {
+        let mut node = node.clone();
+        let cred = a.credential().to_string();
+        let peer = b.node_id().to_string();
+        let probe = offer("198.51.100.1:4000", "random");
+        tokio::spawn(async move {
+            node.request_punch(bearer(
+                RequestPunchRequest {
+                    peer_id: peer,
+                    candidates: vec![A_OBSERVED.into()],
+                    probe: Some(probe),
+                },
+                &cred,
+            ))
+            .await
+        })
+    };
+    let instruction = next_punch(&mut b_stream).await;
+    assert_eq!(
+        instruction.peer_probe,
+        Some(offer("198.51.100.1:4000", "random"))
+    );
+    assert_ne!(instruction.probe_secret, 0, "a secret is drawn");
+    node.punch_ready(bearer(
+        PunchReadyRequest {
+            punch_id: instruction.punch_id,
+            candidates: vec![],
+            probe: Some(offer("203.0.113.7:5000", "endpoint_independent")),
+        },
+        b.credential(),
+    ))
+    .await
+    .expect("ready");
+    let answer = caller.await.unwrap().expect("punch answered").into_inner();
+    assert_eq!(
+        answer.peer_probe,
+        Some(offer("203.0.113.7:5000", "endpoint_independent"))
+    );
+    assert_eq!(answer.probe_secret, instruction.probe_secret);
+}
+
+/// The callee declines an offer (answers without one): the caller learns it
+/// must dial from its QUIC socket. An offer to a punch without one is refused.
+#[tokio::test]
+async fn a_probe_offer_may_be_declined_but_not_forced() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let mut node = server.node().await;
+    create_group(&server, &mut admin, "lab").await;
+    let token = create_token(&server, &mut admin, "lab", 0, 0).await.token;
+    let a = join(&mut node, &token, "alpha").await;
+    let b = join(&mut node, &token, "beta").await;
+    let mut b_stream = watch(&mut node, &b).await;
+    let offer = ProbeOffer {
+        endpoint: "198.51.100.1:4000".into(),
+        mapping: "endpoint_independent".into(),
+        port_stride: 0,
+        fallback: false,
+    };
+    for caller_offers in [true, false] {
+        let caller = {
+            let mut node = node.clone();
+            let cred = a.credential().to_string();
+            let peer = b.node_id().to_string();
+            let probe = caller_offers.then(|| offer.clone());
+            tokio::spawn(async move {
+                node.request_punch(bearer(
+                    RequestPunchRequest {
+                        peer_id: peer,
+                        candidates: vec![A_OBSERVED.into()],
+                        probe,
+                    },
+                    &cred,
+                ))
+                .await
+            })
+        };
+        let instruction = next_punch(&mut b_stream).await;
+        if caller_offers {
+            node.punch_ready(bearer(
+                PunchReadyRequest {
+                    punch_id: instruction.punch_id,
+                    candidates: vec![B_FRESH.into()],
+                    probe: None,
+                },
+                b.credential(),
+            ))
+            .await
+            .expect("declining is an answer");
+            let answer = caller.await.unwrap().expect("answered").into_inner();
+            assert_eq!(answer.peer_probe, None);
+            assert_eq!(answer.peer_candidates[0], B_FRESH);
+        } else {
+            assert_eq!(instruction.peer_probe, None);
+            assert_eq!(instruction.probe_secret, 0);
+            assert_status(
+                node.punch_ready(bearer(
+                    PunchReadyRequest {
+                        punch_id: instruction.punch_id,
+                        candidates: vec![],
+                        probe: Some(offer.clone()),
+                    },
+                    b.credential(),
+                ))
+                .await,
+                Code::InvalidArgument,
+                "no probe offer to answer",
+            );
+            caller.abort();
+        }
+    }
 }

@@ -18,6 +18,9 @@ use crate::swarm::RelayEntry;
 
 use crate::control::ControlClient;
 use crate::error::{NodeError, Result};
+use crate::hole_punch::coordinated;
+use crate::hole_punch::plan::Mapping;
+use crate::hole_punch::Role;
 use crate::netmap::{MapChange, NetworkMap};
 use crate::state_dir::{peer_id, Membership, StateDir};
 use crate::status::{self, ControlStatus, NodeStatus, PathKind, PeerStatus};
@@ -69,6 +72,7 @@ struct LinkState {
     loss: f64,
     bytes_in: u64,
     bytes_out: u64,
+    punch: status::PunchStats,
 }
 
 impl LinkState {
@@ -89,6 +93,7 @@ impl LinkState {
             loss: 0.0,
             bytes_in: 0,
             bytes_out: 0,
+            punch: status::PunchStats::default(),
         }
     }
 }
@@ -177,6 +182,9 @@ pub struct Node {
     /// The port predictor once discovery is done (`None` inside: no
     /// prediction); `None` while it runs.
     predictor_tx: watch::Sender<Option<Option<(SocketAddr, i32)>>>,
+    /// This node's NAT mapping from the early verdict, for punches from
+    /// probe sockets; `None` until it is in.
+    own_tx: watch::Sender<Option<coordinated::Own>>,
     /// Discovery's result; `None`: it could not run.
     nat_tx: mpsc::Sender<Option<crate::nat_discovery::NatBehavior>>,
     nat_rx: mpsc::Receiver<Option<crate::nat_discovery::NatBehavior>>,
@@ -186,6 +194,14 @@ pub struct Node {
     content: Option<crate::content::ContentHandle>,
     /// Multiplayer sessions (`up` starts it; game processes use it via the socket).
     session: Option<crate::session::SessionHandle>,
+    /// Hands sockets that punches from probe sockets got through to QUIC.
+    adopter: crate::swarm::punched::Adopter,
+    punch_reports_tx: mpsc::Sender<coordinated::Report>,
+    punch_reports_rx: mpsc::Receiver<coordinated::Report>,
+    /// Peers this node is punching to right now: a new attempt waits for
+    /// the last one's report (two attempts' probe sockets would take turns
+    /// in a sequential NAT's counter, and neither prediction would hold).
+    punching: std::collections::HashSet<libp2p::PeerId>,
 }
 
 impl Node {
@@ -279,6 +295,7 @@ impl Node {
         let (nat_tx, nat_rx) = mpsc::channel(1);
         let (nat_early_tx, nat_early_rx) = mpsc::channel(1);
         let mut mesh = mesh::spawn(keypair, config.listen, config.punch, config.forward)?;
+        let (punch_reports_tx, punch_reports_rx) = mpsc::channel(64);
         let mut mesh_inboxes = std::mem::replace(
             &mut mesh.inboxes,
             mesh::channel::Inboxes {
@@ -316,8 +333,13 @@ impl Node {
                 nat_early_tx,
                 nat_early_rx,
                 predictor_tx: watch::Sender::new(None),
+                own_tx: watch::Sender::new(None),
                 nat_tx,
                 nat_rx,
+                adopter: mesh.adopter,
+                punch_reports_tx,
+                punch_reports_rx,
+                punching: Default::default(),
             },
             listener,
         ))
@@ -505,6 +527,7 @@ impl Node {
         let (early_tx, early_rx) =
             tokio::sync::oneshot::channel::<crate::nat_discovery::NatBehavior>();
         let predictor_tx = self.predictor_tx.clone();
+        let own_tx = self.own_tx.clone();
         let punch_tx = self.nat_early_tx.clone();
         // The mapping verdict (what prediction needs) comes in a few round
         // trips; punches held for it go out then, not after the filtering
@@ -517,6 +540,7 @@ impl Node {
                     }
                     _ => None,
                 };
+                own_tx.send_replace(Some(own_of(Some(&early))));
                 predictor_tx.send_replace(Some(p));
                 let _ = punch_tx.send(()).await;
             }
@@ -550,63 +574,180 @@ impl Node {
             .collect()
     }
 
+    /// This node's NAT as a punch from probe sockets needs it.
+    fn own_nat(&self) -> coordinated::Own {
+        match (self.nat.as_ref(), *self.own_tx.borrow()) {
+            (None, Some(early)) => early,
+            (nat, _) => own_of(nat),
+        }
+    }
+
+    fn on_punch_report(&mut self, r: coordinated::Report) {
+        let peer = match &r {
+            coordinated::Report::Quic { peer }
+            | coordinated::Report::Refused { peer }
+            | coordinated::Report::Probe { peer, .. } => *peer,
+        };
+        self.punching.remove(&peer);
+        let Some(l) = self.links.get_mut(&peer.to_string()) else {
+            return;
+        };
+        match r {
+            coordinated::Report::Refused { .. } => {}
+            coordinated::Report::Quic { .. } => l.punch.quic_attempts += 1,
+            coordinated::Report::Probe {
+                packets,
+                birthday_probes,
+                sockets,
+                result,
+                ..
+            } => {
+                l.punch.probe_attempts += 1;
+                l.punch.probe_packets += packets;
+                l.punch.birthday_probes += birthday_probes;
+                l.punch.sockets = u32::from(sockets);
+                l.punch.last = result;
+            }
+        }
+    }
+
     /// The caller's part of a coordinated punch (seed 002): ask the server,
     /// which returns once the peer has opened its NAT, then dial. Runs
     /// beside the session so the map keeps flowing meanwhile.
-    fn request_punch(&self, peer: libp2p::PeerId) {
+    ///
+    /// The request carries an offer to punch from probe sockets instead;
+    /// the peer takes it up when a NAT is random symmetric, or when this
+    /// side says that punching from the QUIC socket did not work last time
+    /// (`fallback`: the attempts alternate).
+    fn request_punch(&mut self, peer: libp2p::PeerId) {
+        if !self.punching.insert(peer) {
+            tracing::debug!(%peer, "punch: the last attempt is still running");
+            return;
+        }
         let mut client = self.client.clone();
         let mesh = self.mesh.clone();
         let candidates = self.punch_candidates();
         let predictor = self.predictor();
+        let own = self.own_nat();
+        let stun = self.stun_primary;
+        let fallback = self
+            .links
+            .get(&peer.to_string())
+            .is_some_and(|l| l.punch.quic_attempts > l.punch.probe_attempts);
+        let adopter = self.adopter.clone();
+        let reports = self.punch_reports_tx.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
+            // Probe socket 0 last: on a sequential NAT its STUN mapping is
+            // where the peer's prediction of our next mappings starts.
             let candidates = with_predictions(candidates, predictor, PREDICTION_WINDOW).await;
-            match client.request_punch(&peer.to_string(), candidates).await {
-                Ok(r) => {
-                    let addrs = parse_addrs(&r.peer_candidates);
-                    tracing::info!(%peer, punch = r.punch_id, candidates = addrs.len(), rendezvous_ms = started.elapsed().as_secs_f64() * 1e3, "punch: peer is open; dialing");
-                    let _ = mesh
-                        .send(MeshCommand::Punch {
+            let offered = coordinated::offer(stun, own, fallback).await;
+            let offer = offered.as_ref().map(|(_, o)| o.clone());
+            match client
+                .request_punch(&peer.to_string(), candidates, offer)
+                .await
+            {
+                Ok(r) => match (r.peer_probe, offered) {
+                    (Some(peer_offer), Some((opened, own_offer))) => {
+                        tracing::info!(%peer, punch = r.punch_id, rendezvous_ms = started.elapsed().as_secs_f64() * 1e3, "punch: peer took up probe sockets");
+                        let attempt = coordinated::Attempt {
                             peer,
-                            addrs,
-                            open_first: false,
-                            started: None,
-                        })
-                        .await;
-                }
+                            role: Role::Initiator,
+                            secret: r.probe_secret,
+                            own,
+                            opened,
+                            own_offer,
+                            peer_offer,
+                        };
+                        coordinated::run(attempt, adopter, mesh, reports).await;
+                    }
+                    _ => {
+                        let addrs = parse_addrs(&r.peer_candidates);
+                        tracing::info!(%peer, punch = r.punch_id, candidates = addrs.len(), rendezvous_ms = started.elapsed().as_secs_f64() * 1e3, "punch: peer is open; dialing");
+                        let _ = reports.send(coordinated::Report::Quic { peer }).await;
+                        let _ = mesh
+                            .send(MeshCommand::Punch {
+                                peer,
+                                addrs,
+                                open_first: false,
+                                started: None,
+                            })
+                            .await;
+                    }
+                },
                 Err(s) => {
-                    tracing::debug!(%peer, code = ?s.code(), error = %s.message(), "punch request refused")
+                    tracing::debug!(%peer, code = ?s.code(), error = %s.message(), "punch request refused");
+                    let _ = reports.send(coordinated::Report::Refused { peer }).await;
                 }
             }
         });
     }
 
     /// The callee's part: open towards the caller, then tell the server.
+    /// A probe offer is taken up (once this node's NAT is known) when a side
+    /// is random symmetric or the caller falls back to it.
     async fn answer_punch(&self, p: peermesh_proto::api::PunchInstruction) {
         let Ok(peer) = p.peer_id.parse::<libp2p::PeerId>() else {
             tracing::debug!(peer = %p.peer_id, "punch instruction for a malformed peer id");
             return;
         };
         let addrs = parse_addrs(&p.peer_candidates);
-        tracing::info!(%peer, punch = p.punch_id, candidates = addrs.len(), "punch: opening towards the caller");
         let mesh = self.mesh.clone();
         let mut client = self.client.clone();
         let candidates = self.punch_candidates();
         let mut known = self.predictor_tx.subscribe();
         let discovering = self.nat_started && self.predictor_tx.borrow().is_none();
         let predictor = self.predictor();
+        let reports = self.punch_reports_tx.clone();
+        let mut own_rx = self.own_tx.subscribe();
+        let own = self.own_nat();
+        let stun = self.stun_primary;
+        let adopter = self.adopter.clone();
         tokio::spawn(async move {
             // As for the caller: no opening packet before the NAT is known
             // (within the caller's patience).
-            let predictor = if discovering {
+            let (predictor, own) = if discovering {
                 let wait = known.wait_for(|p| p.is_some());
-                match tokio::time::timeout(Duration::from_millis(2500), wait).await {
+                let predictor = match tokio::time::timeout(Duration::from_millis(2500), wait).await
+                {
                     Ok(Ok(p)) => p.flatten(),
                     _ => None,
-                }
+                };
+                let own = own_rx.borrow_and_update().unwrap_or(own);
+                (predictor, own)
             } else {
-                predictor
+                (predictor, own)
             };
+            if let Some(peer_offer) = p
+                .peer_probe
+                .clone()
+                .filter(|o| coordinated::take_up(own.mapping, o))
+            {
+                tracing::info!(%peer, punch = p.punch_id, "punch: taking up probe sockets");
+                if let Some((opened, own_offer)) = coordinated::offer(stun, own, false).await {
+                    let attempt = coordinated::Attempt {
+                        peer,
+                        role: Role::Responder,
+                        secret: p.probe_secret,
+                        own,
+                        opened,
+                        own_offer: own_offer.clone(),
+                        peer_offer,
+                    };
+                    let probing = tokio::spawn(coordinated::run(attempt, adopter, mesh, reports));
+                    if let Err(s) = client
+                        .punch_ready(p.punch_id, candidates, Some(own_offer))
+                        .await
+                    {
+                        tracing::debug!(%peer, code = ?s.code(), error = %s.message(), "punch ready refused");
+                        probing.abort();
+                    }
+                    return;
+                }
+                // No probe socket (no STUN answer): from the QUIC socket then.
+            }
+            tracing::info!(%peer, punch = p.punch_id, candidates = addrs.len(), "punch: opening towards the caller");
+            let _ = reports.send(coordinated::Report::Quic { peer }).await;
             // Probe before opening: each opening packet to a new candidate
             // takes the next mapping of a sequential NAT, so the window
             // covers as many of them as we open (and a few others' flows).
@@ -625,7 +766,7 @@ impl Node {
             // packet leaves when the swarm next polls it, a moment later.
             let _ = opened.await;
             tokio::time::sleep(Duration::from_millis(2)).await;
-            if let Err(s) = client.punch_ready(p.punch_id, candidates).await {
+            if let Err(s) = client.punch_ready(p.punch_id, candidates, None).await {
                 tracing::debug!(%peer, code = ?s.code(), error = %s.message(), "punch ready refused");
             }
         });
@@ -659,6 +800,10 @@ impl Node {
         let mut links_dirty = true;
         loop {
             tokio::select! {
+                Some(r) = self.punch_reports_rx.recv() => {
+                    self.on_punch_report(r);
+                    self.publish();
+                }
                 Some(()) = self.nat_early_rx.recv() => {
                     for peer in std::mem::take(&mut self.deferred_punches) {
                         self.request_punch(peer);
@@ -871,6 +1016,7 @@ impl Node {
                     bytes_out: l.bytes_out,
                     mesh_ipv4: Some(p.mesh_ipv4.clone()).filter(|a| !a.is_empty()),
                     mesh_ipv6: Some(p.mesh_ipv6.clone()).filter(|a| !a.is_empty()),
+                    punch: l.punch,
                 }
             })
             .collect();
@@ -885,6 +1031,21 @@ impl Node {
                 v.mesh_ipv6 = Some(me.mesh_ipv6.clone()).filter(|a| !a.is_empty());
             }
         });
+    }
+}
+
+/// A NAT verdict as a punch from probe sockets needs it.
+fn own_of(nat: Option<&crate::nat_discovery::NatBehavior>) -> coordinated::Own {
+    use crate::nat_discovery::Mapping as M;
+    let mapping = match nat.and_then(|n| n.mapping) {
+        Some(M::EndpointIndependent) => Mapping::Stable,
+        Some(M::Sequential { stride }) => Mapping::Sequential(stride),
+        Some(M::AddressDependent | M::Random) => Mapping::Random,
+        None => Mapping::Unknown,
+    };
+    coordinated::Own {
+        mapping,
+        no_nat: nat.is_some_and(|n| n.no_nat),
     }
 }
 

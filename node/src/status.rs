@@ -68,6 +68,29 @@ pub struct PeerStatus {
     pub mesh_ipv4: Option<String>,
     #[serde(default)]
     pub mesh_ipv6: Option<String>,
+    /// Hole punching towards this peer over the link's life.
+    #[serde(default)]
+    pub punch: PunchStats,
+}
+
+/// What the hole puncher did for one link, for status and benchmarks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PunchStats {
+    /// Rendezvous through the control server that punched from the mesh's
+    /// own QUIC socket (the fast path for cone NATs).
+    pub quic_attempts: u32,
+    /// Attempts from separate probe sockets (low-TTL opening packets, port
+    /// prediction, birthday search), whose winning socket is handed to QUIC.
+    pub probe_attempts: u32,
+    /// UDP datagrams the probe sockets sent, over all attempts: opening
+    /// packets, probes (birthday ones included) and acks.
+    pub probe_packets: u64,
+    pub birthday_probes: u64,
+    /// Sockets opened for the last probe attempt (more than 1 on the random
+    /// symmetric side of a birthday search).
+    pub sockets: u32,
+    /// How the last attempt ended: "direct", "failed: …", or empty.
+    pub last: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -12,12 +12,23 @@
 //! # Pairs
 //!
 //! Two sites `sa` and `sb` behind NAT routers of the pair's kinds (with the
-//! home-router WAN firewall), a public host with the control server and one
-//! relay. `fc-fc` (full cone × full cone), `pr-pr` (port-restricted ×
-//! port-restricted), `fc-pr`, `none-pr` (an open address × port-restricted)
-//! and `sym-sym` (random symmetric × random symmetric, where no direct path
-//! can exist: its direct success rate is expected to be 0/N, and it is
-//! reported as measured).
+//! home-router WAN firewall unless the pair says otherwise), a public host
+//! with the control server and one relay. `fc-fc` (full cone × full cone),
+//! `pr-pr` (port-restricted × port-restricted), `fc-pr`, `none-pr` (an open
+//! address × port-restricted), `sym-sym` (random symmetric × random
+//! symmetric, where no direct path can exist: its direct success rate is
+//! expected to be 0/N, and it is reported as measured), `seq-pr` and
+//! `seq-seq` (sequential symmetric), `pr-pr-dcutr` (stock libp2p DCUtR
+//! instead of the control server's rendezvous), and for the punch from
+//! probe sockets:
+//!
+//! - `pr-pr-nofw`: port-restricted × port-restricted, both routers without
+//!   the WAN firewall (an early punch packet that reaches the peer's router
+//!   takes the port there; probe mode's low-TTL opening packets die before
+//!   it);
+//! - `rand-pr` and `rand-fc`: random symmetric × port-restricted / full
+//!   cone, where only probe mode's birthday search (256 sockets on the
+//!   random side, up to 1536 probed ports on the other) finds a direct path.
 //!
 //! # Trials (`--trials N` per pair, each in a fresh lab)
 //!
@@ -39,6 +50,14 @@
 //!   rate and are left out of the TTD percentiles. As a cross-check, a
 //!   thread also polls `a`'s status every 5 ms from `t0`; the first time it
 //!   shows `direct` is in the JSON (`time_to_direct_status_poll_ms`).
+//! - **punch statistics**: after the trial (direct or not) both nodes'
+//!   status is read for the other's `punch` object; the trial records the
+//!   probe sockets' datagrams (`probe_packets`, a + b), the birthday probes
+//!   (`birthday_probes`, a + b), and the quic-mode and probe-mode attempts
+//!   (`quic_attempts`, `probe_attempts`, a + b); the JSON keeps both sides'
+//!   whole objects. The table shows the median of the probe packets over
+//!   the trials (`probe pkts p50`) and the mean attempts per trial
+//!   (`attempts quic/probe`).
 //!
 //! Percentiles interpolate linearly between the closest ranks (p90 of five
 //! samples lies between the fourth and the fifth).
@@ -72,9 +91,11 @@
 //!
 //! # Output
 //!
-//! A table on stdout and JSON at `--json` (default
-//! `bench-results/connectivity.json`, relative to the workspace root) with
-//! every trial's times, errors and `a`'s path changes. The logs of a failed
+//! A table on stdout (per pair: the direct success rate, TTFB and TTD
+//! percentiles, probe packets p50, attempts quic/probe, throughput, RTT)
+//! and JSON at `--json` (default `bench-results/connectivity.json`,
+//! relative to the workspace root) with every trial's times, errors, `a`'s
+//! path changes and both sides' punch statistics. The logs of a failed
 //! trial are kept in a `peermesh-failed-*` directory under the system
 //! temporary directory; its path is in the JSON.
 
@@ -85,6 +106,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use peermesh_node::status::PunchStats;
 use peermesh_tests::meshlab::{
     forward_udp, udp_goodput, MeshLab, MeshNode, SinkResult, UdpGoodput,
 };
@@ -99,7 +121,10 @@ options:
   --trials N            trials per pair (default 5)
   --pairs P[,P…]        pairs to run, out of fc-fc, pr-pr, fc-pr, none-pr,
                         sym-sym, seq-pr, seq-seq, pr-pr-dcutr (stock
-                        DCUtR instead of the rendezvous; default all)
+                        DCUtR instead of the rendezvous), pr-pr-nofw (both
+                        routers without WAN firewall), rand-pr and rand-fc
+                        (random symmetric × port-restricted / full cone:
+                        birthday search); default all
   --json PATH           where to write the results; relative to the workspace
                         root (default bench-results/connectivity.json)
   --direct-timeout S    how long a trial waits for `direct` after the first
@@ -137,39 +162,73 @@ struct PairSpec {
     key: &'static str,
     a: NatKind,
     b: NatKind,
+    /// Both routers without the home-router WAN firewall
+    /// ([`SiteOpts::without_wan_firewall`]).
+    no_wan_firewall: bool,
     /// Extra `meshnode up` arguments for both nodes.
     extra: &'static [&'static str],
 }
 
-const PAIRS: [PairSpec; 8] = [
+impl PairSpec {
+    /// The router options of both sites.
+    fn site_opts(&self) -> SiteOpts {
+        if self.no_wan_firewall {
+            SiteOpts::without_wan_firewall()
+        } else {
+            SiteOpts::default()
+        }
+    }
+
+    /// `pr-pr (port-restricted×port-restricted)`, with the routers' option.
+    fn describe(&self) -> String {
+        format!(
+            "{} ({}×{}{})",
+            self.key,
+            kind_name(self.a),
+            kind_name(self.b),
+            if self.no_wan_firewall {
+                ", no WAN firewall"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+const PAIRS: [PairSpec; 11] = [
     PairSpec {
         key: "fc-fc",
         a: NatKind::FullCone,
         b: NatKind::FullCone,
+        no_wan_firewall: false,
         extra: &[],
     },
     PairSpec {
         key: "pr-pr",
         a: NatKind::PortRestricted,
         b: NatKind::PortRestricted,
+        no_wan_firewall: false,
         extra: &[],
     },
     PairSpec {
         key: "fc-pr",
         a: NatKind::FullCone,
         b: NatKind::PortRestricted,
+        no_wan_firewall: false,
         extra: &[],
     },
     PairSpec {
         key: "none-pr",
         a: NatKind::None,
         b: NatKind::PortRestricted,
+        no_wan_firewall: false,
         extra: &[],
     },
     PairSpec {
         key: "sym-sym",
         a: NatKind::SymmetricRandom,
         b: NatKind::SymmetricRandom,
+        no_wan_firewall: false,
         extra: &[],
     },
     // Sequential symmetric NATs (port prediction is not wired to the
@@ -178,12 +237,14 @@ const PAIRS: [PairSpec; 8] = [
         key: "seq-pr",
         a: NatKind::SymmetricSequential,
         b: NatKind::PortRestricted,
+        no_wan_firewall: false,
         extra: &[],
     },
     PairSpec {
         key: "seq-seq",
         a: NatKind::SymmetricSequential,
         b: NatKind::SymmetricSequential,
+        no_wan_firewall: false,
         extra: &[],
     },
     // Stock libp2p DCUtR instead of the rendezvous, for comparison.
@@ -191,7 +252,35 @@ const PAIRS: [PairSpec; 8] = [
         key: "pr-pr-dcutr",
         a: NatKind::PortRestricted,
         b: NatKind::PortRestricted,
+        no_wan_firewall: false,
         extra: &["--punch", "dcutr"],
+    },
+    // Routers without a WAN firewall: an early punch packet reaching the
+    // peer's router takes the port there (the NAT then maps its host to
+    // another one); low-TTL opening packets from probe sockets die first.
+    PairSpec {
+        key: "pr-pr-nofw",
+        a: NatKind::PortRestricted,
+        b: NatKind::PortRestricted,
+        no_wan_firewall: true,
+        extra: &[],
+    },
+    // A random symmetric NAT against a cone: only probe mode's birthday
+    // search (256 sockets on the random side, up to 1536 probed ports on
+    // the other) can find a direct path.
+    PairSpec {
+        key: "rand-pr",
+        a: NatKind::SymmetricRandom,
+        b: NatKind::PortRestricted,
+        no_wan_firewall: false,
+        extra: &[],
+    },
+    PairSpec {
+        key: "rand-fc",
+        a: NatKind::SymmetricRandom,
+        b: NatKind::FullCone,
+        no_wan_firewall: false,
+        extra: &[],
     },
 ];
 
@@ -350,6 +439,39 @@ struct Trial {
     direct_b_ms: Option<f64>,
     /// `a`'s path changes of the link to `b`, from `t0`.
     path_changes: Vec<(f64, String)>,
+    /// `a`'s punch statistics for `b` and `b`'s for `a`, read from their
+    /// status after the trial (direct or not; None: no answer, or the peer
+    /// was not listed).
+    punch_a: Option<PunchStats>,
+    punch_b: Option<PunchStats>,
+}
+
+impl Trial {
+    /// Both sides' punch statistics, when both were read.
+    fn punch(&self) -> Option<(&PunchStats, &PunchStats)> {
+        self.punch_a.as_ref().zip(self.punch_b.as_ref())
+    }
+
+    /// Datagrams both sides' probe sockets sent.
+    fn probe_packets(&self) -> Option<u64> {
+        self.punch().map(|(a, b)| a.probe_packets + b.probe_packets)
+    }
+
+    /// Birthday probes of both sides.
+    fn birthday_probes(&self) -> Option<u64> {
+        self.punch()
+            .map(|(a, b)| a.birthday_probes + b.birthday_probes)
+    }
+
+    /// Quic-mode and probe-mode attempts of both sides.
+    fn attempts(&self) -> Option<(u32, u32)> {
+        self.punch().map(|(a, b)| {
+            (
+                a.quic_attempts + b.quic_attempts,
+                a.probe_attempts + b.probe_attempts,
+            )
+        })
+    }
 }
 
 impl Trial {
@@ -369,6 +491,11 @@ impl Trial {
             "time_to_direct_other_side_ms": self.direct_b_ms.map(round2),
             "path_changes_ms": self.path_changes.iter()
                 .map(|(t, p)| json!([round2(*t), p])).collect::<Vec<_>>(),
+            "punch": {"a": self.punch_a, "b": self.punch_b},
+            "probe_packets": self.probe_packets(),
+            "birthday_probes": self.birthday_probes(),
+            "quic_attempts": self.attempts().map(|a| a.0),
+            "probe_attempts": self.attempts().map(|a| a.1),
         })
     }
 }
@@ -384,21 +511,23 @@ fn setup(spec: &PairSpec, label: &str) -> Result<Setup> {
     let lab = Lab::with_prefix(LAB_PREFIX)?;
     let mut m = MeshLab::new(label, lab)?;
     m.start_public()?;
-    let sa = m.site("sa", spec.a, SiteOpts::default())?;
-    let sb = m.site("sb", spec.b, SiteOpts::default())?;
+    let sa = m.site("sa", spec.a, spec.site_opts())?;
+    let sb = m.site("sb", spec.b, spec.site_opts())?;
     Ok(Setup { m, sa, sb })
 }
 
 fn run_trial(spec: &PairSpec, k: usize, args: &Args, t: &mut Trial) -> Result<()> {
     let Setup { mut m, sa, sb } = setup(spec, &format!("{}-t{k}", spec.key))?;
-    let res = trial_body(&mut m, &sa.host, &sb.host, spec.extra, args, t);
+    let res = start_trial(&mut m, &sa.host, &sb.host, spec.extra, args, t);
     if res.is_err() {
         t.kept_logs = m.keep_logs();
     }
     res
 }
 
-fn trial_body(
+/// Starts both nodes, runs the trial and then, whether it went direct,
+/// failed or not, reads both sides' punch statistics.
+fn start_trial(
     m: &mut MeshLab,
     ha: &peermesh_tests::netlab::Host,
     hb: &peermesh_tests::netlab::Host,
@@ -410,11 +539,25 @@ fn trial_body(
     let started = SystemTime::now();
     let a = m.node_with("a", ha, &ta, extra)?;
     let b = m.node_with("b", hb, &tb, extra)?;
+    let res = trial_body(m, &a, &b, started, args, t);
+    t.punch_a = a.peer("b").map(|p| p.punch);
+    t.punch_b = b.peer("a").map(|p| p.punch);
+    res
+}
+
+fn trial_body(
+    m: &mut MeshLab,
+    a: &MeshNode,
+    b: &MeshNode,
+    started: SystemTime,
+    args: &Args,
+    t: &mut Trial,
+) -> Result<()> {
     let deadline = Instant::now() + SLOW;
     let mut inbox = None;
     let peer = loop {
         if inbox.is_none() && b.status().is_some() {
-            inbox = Some(m.recv(&b)?);
+            inbox = Some(m.recv(b)?);
         }
         if inbox.is_some() {
             if let Some(p) = a.peer("b") {
@@ -438,7 +581,7 @@ fn trial_body(
     // A cross-check of the log timestamps: a's status, every 5 ms.
     let stop = Arc::new(AtomicBool::new(false));
     let poller = {
-        let (a, stop) = (a.clone(), stop.clone());
+        let (a, stop) = ((*a).clone(), stop.clone());
         let limit = args.direct_timeout + Duration::from_secs(1);
         std::thread::spawn(move || {
             let deadline = Instant::now() + limit;
@@ -695,13 +838,56 @@ impl PairResult {
         self.trials.iter().filter_map(|t| t.direct_ms).collect()
     }
 
+    /// Probe packets of both sides, per trial whose statistics were read.
+    fn probe_packets(&self) -> Vec<f64> {
+        self.trials
+            .iter()
+            .filter_map(|t| t.probe_packets().map(|n| n as f64))
+            .collect()
+    }
+
+    /// Birthday probes of both sides, per trial whose statistics were read.
+    fn birthday_probes(&self) -> Vec<f64> {
+        self.trials
+            .iter()
+            .filter_map(|t| t.birthday_probes().map(|n| n as f64))
+            .collect()
+    }
+
+    /// Quic-mode and probe-mode attempts of both sides, per trial whose
+    /// statistics were read.
+    fn attempts(&self) -> Vec<(u32, u32)> {
+        self.trials.iter().filter_map(Trial::attempts).collect()
+    }
+
+    /// The mean number of quic-mode and probe-mode attempts (both sides)
+    /// per trial.
+    fn attempts_mean(&self) -> Option<(f64, f64)> {
+        let v = self.attempts();
+        if v.is_empty() {
+            return None;
+        }
+        let n = v.len() as f64;
+        let (q, p) = v.iter().fold((0u64, 0u64), |(q, p), (a, b)| {
+            (q + u64::from(*a), p + u64::from(*b))
+        });
+        Some((q as f64 / n, p as f64 / n))
+    }
+
     fn json(&self) -> Value {
         let (ttfb, ttd) = (self.ttfb(), self.ttd());
+        let (packets, birthday, attempts) = (
+            self.probe_packets(),
+            self.birthday_probes(),
+            self.attempts(),
+        );
         let p = |v: &[f64], q| percentile(v, q).map(round2);
+        let mean = self.attempts_mean();
         json!({
             "pair": self.spec.key,
             "a": kind_name(self.spec.a),
             "b": kind_name(self.spec.b),
+            "no_wan_firewall": self.spec.no_wan_firewall,
             "trials": self.trials.len(),
             "trials_ok": self.trials.iter().filter(|t| t.error.is_none()).count(),
             "direct": ttd.len(),
@@ -710,6 +896,13 @@ impl PairResult {
                                       "samples": ttfb.iter().map(|x| round2(*x)).collect::<Vec<_>>()},
             "time_to_direct_ms": {"p50": p(&ttd, 50.0), "p90": p(&ttd, 90.0),
                                   "samples": ttd.iter().map(|x| round2(*x)).collect::<Vec<_>>()},
+            "probe_packets": {"p50": p(&packets, 50.0), "p90": p(&packets, 90.0),
+                              "samples": packets},
+            "birthday_probes": {"p50": p(&birthday, 50.0), "samples": birthday},
+            "attempts": {"quic_mean": mean.map(|m| round2(m.0)),
+                         "probe_mean": mean.map(|m| round2(m.1)),
+                         "samples_quic_probe": attempts.iter()
+                             .map(|(q, p)| json!([q, p])).collect::<Vec<_>>()},
             "trial_runs": self.trials.iter().map(Trial::json).collect::<Vec<_>>(),
             "throughput_and_rtt": self.measure.as_ref().map(Measure::json),
         })
@@ -722,7 +915,11 @@ a's status lists b; both nodes started together, b's `recv` attached as soon as 
   TTFB   time to first byte: until b's `meshnode recv` prints the message
   TTD    time to direct: until a logs `link path … path=\"direct\"` for b (log timestamp);
          p50/p90 over the trials that reached direct (linear interpolation)
-  direct k/N trials whose link reached `direct` within the direct timeout
+  direct k/N trials whose link reached `direct` within the direct timeout (the success rate)
+  probe pkts p50  UDP datagrams a's and b's probe sockets sent (status `punch.probe_packets`,
+         a + b, read after the trial whether it went direct or not), median over the trials
+  attempts quic/probe  punch attempts from the QUIC socket / from probe sockets (status
+         `punch.quic_attempts` / `punch.probe_attempts`, a + b), mean per trial
   raw UDP 1200-byte datagrams, sa's host → port forward on sb's router, one thread, goodput;
          10 per call with UDP GSO/GRO as quinn does (the baseline); `raw 1/call`: one sendto each
   direct/relay mesh `blast`/`sink` a→b (64 KiB messages), first byte → last byte; (×raw, ×1/call)
@@ -742,6 +939,8 @@ fn print_table(results: &[PairResult], trials: usize) {
         "TTFB p90 ms",
         "TTD p50 ms",
         "TTD p90 ms",
+        "probe pkts p50",
+        "attempts quic/probe",
         "raw UDP Mbit/s",
         "raw 1/call",
         "direct Mbit/s (×raw, ×1/call)",
@@ -765,12 +964,7 @@ fn print_table(results: &[PairResult], trials: usize) {
             };
             let failed = r.trials.iter().filter(|t| t.error.is_some()).count();
             vec![
-                format!(
-                    "{} ({}×{})",
-                    r.spec.key,
-                    kind_name(r.spec.a),
-                    kind_name(r.spec.b)
-                ),
+                r.spec.describe(),
                 if failed > 0 {
                     format!("{}/{trials} ({failed} failed)", ttd.len())
                 } else {
@@ -780,6 +974,9 @@ fn print_table(results: &[PairResult], trials: usize) {
                 fmt_opt(percentile(&ttfb, 90.0), 1),
                 fmt_opt(percentile(&ttd, 50.0), 1),
                 fmt_opt(percentile(&ttd, 90.0), 1),
+                fmt_opt(percentile(&r.probe_packets(), 50.0), 0),
+                r.attempts_mean()
+                    .map_or("-".into(), |(q, p)| format!("{q:.1}/{p:.1}")),
                 fmt_opt(raw, 0),
                 fmt_opt(plain, 0),
                 with_frac(m.and_then(|m| m.direct_mbit)),
@@ -879,13 +1076,17 @@ fn main() -> Result<()> {
                 t.error = Some(format!("{e:#}"));
             }
             eprintln!(
-                "[{:>6.1} s] {} trial {k}: listed {} ms, TTFB {} ms, relay {} ms, direct {} ms{}{}",
+                "[{:>6.1} s] {} trial {k}: listed {} ms, TTFB {} ms, relay {} ms, direct {} ms; \
+                 punch: {} probe packets ({} birthday), attempts quic/probe {}{}{}",
                 started.elapsed().as_secs_f64(),
                 spec.key,
                 fmt_opt(t.listed_ms, 1),
                 fmt_opt(t.ttfb_ms, 1),
                 fmt_opt(t.relay_ms, 1),
                 fmt_opt(t.direct_ms, 1),
+                t.probe_packets().map_or("-".into(), |n| n.to_string()),
+                t.birthday_probes().map_or("-".into(), |n| n.to_string()),
+                t.attempts().map_or("-".into(), |(q, p)| format!("{q}/{p}")),
                 t.error
                     .as_ref()
                     .map(|e| format!(" FAILED: {e}"))

@@ -30,7 +30,8 @@
 //! # NAT kinds
 //!
 //! See [`NatKind`]. The router's NAT and firewall rules are nftables tables
-//! `ip pmnat` and `ip pmfw`; [`Router::nft`] adds more. [`Lab::cut`] and
+//! `ip pmnat` and `ip pmfw`, and `ip pmhop` drops what arrives on the WAN
+//! leg with TTL 1 (the ISP hop; see `ISP_HOP`); [`Router::nft`] adds more. [`Lab::cut`] and
 //! [`Lab::restore`] drop a site's UDP to and from one address on the public
 //! bridge, e.g. to kill a hole-punched path while the relay path survives.
 //!
@@ -647,6 +648,21 @@ const WAN_FIREWALL: &str = "table ip pmfw {
 }
 ";
 
+/// The lab's internet is one bridge, so two routers are neighbours; on the
+/// real internet at least one ISP router lies between two sites, where a
+/// packet that arrives with TTL 1 dies. This drops such packets on the WAN
+/// leg before conntrack sees them (raw priority), so that a low-TTL opening
+/// packet (seed 002) passes its own NAT and dies before the peer's router, as
+/// it would out there, instead of leaving a conntrack entry on a router
+/// without WAN firewall.
+const ISP_HOP: &str = "table ip pmhop {
+    chain prerouting {
+        type filter hook prerouting priority raw; policy accept;
+        iif \"wan\" ip ttl < 2 drop
+    }
+}
+";
+
 /// An empty firewall table for [`Router::nft`] rules on harsh routers.
 const NO_FIREWALL: &str = "table ip pmfw {
     chain input { type filter hook input priority filter; policy accept; }
@@ -904,6 +920,7 @@ impl Lab {
         ip(&["-n", r, "link", "set", "lan", "up"])?;
         rns.sysctl("net.ipv4.ip_forward", "1")?;
         rns.nft(&nat_rules(kind, &opts, wan_ip)?)?;
+        rns.nft(ISP_HOP)?;
         rns.nft(if opts.wan_firewall {
             WAN_FIREWALL
         } else {

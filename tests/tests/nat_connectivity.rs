@@ -9,6 +9,13 @@
 //!   and carries a stream exactly once and in order.
 //! - A direct path cut while a numbered stream flows: the link falls back to
 //!   the relay and the stream arrives exactly once and in order.
+//! - Hole punching from probe sockets, 10 trials each in a fresh lab, at
+//!   least 9 of which must go direct on both sides within 15 s of the first
+//!   message and then carry a numbered stream exactly once and in order:
+//!   port-restricted × port-restricted with routers without a WAN firewall,
+//!   and random symmetric × port-restricted (a birthday search; at least one
+//!   side must report a probe-mode attempt). Each trial prints its time to
+//!   `direct` and both sides' `punch` statistics.
 //!
 //! Times from process start to the first delivered message and to `direct`
 //! are printed (run with `--nocapture` to see them when the tests pass).
@@ -21,8 +28,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
+use peermesh_node::status::PunchStats;
 use peermesh_tests::meshlab::{log_time, poll, Inbox, MeshLab, MeshNode, RELAY_PORT};
-use peermesh_tests::netlab::{lab_or_skip, NatKind, Site, SiteOpts};
+use peermesh_tests::netlab::{lab_or_skip, Lab, NatKind, Site, SiteOpts};
 use peermesh_tests::wait_for;
 
 /// Each test builds its own lab and runs five processes in it; one lab at a
@@ -120,9 +128,24 @@ fn start_pair(m: &mut MeshLab, ka: NatKind, kb: NatKind) -> Result<Pair> {
 
 /// [`start_pair`] with extra `meshnode up` arguments for both nodes.
 fn start_pair_with(m: &mut MeshLab, ka: NatKind, kb: NatKind, extra: &[&str]) -> Result<Pair> {
+    start_pair_opts(
+        m,
+        (ka, SiteOpts::default()),
+        (kb, SiteOpts::default()),
+        extra,
+    )
+}
+
+/// [`start_pair_with`] with the router options of each site.
+fn start_pair_opts(
+    m: &mut MeshLab,
+    (ka, oa): (NatKind, SiteOpts),
+    (kb, ob): (NatKind, SiteOpts),
+    extra: &[&str],
+) -> Result<Pair> {
     m.start_public()?;
-    let sa = m.lab.site("sa", ka, SiteOpts::default())?;
-    let sb = m.lab.site("sb", kb, SiteOpts::default())?;
+    let sa = m.lab.site("sa", ka, oa)?;
+    let sb = m.lab.site("sb", kb, ob)?;
     let (ta, tb) = (m.token()?, m.token()?);
     let t0 = Instant::now();
     let a = m.node_with("a", &sa.host, &ta, extra)?;
@@ -278,6 +301,274 @@ fn full_cone_and_port_restricted_go_direct() {
 #[test]
 fn open_address_and_port_restricted_go_direct() {
     goes_direct("none_pr", NatKind::None, NatKind::PortRestricted);
+}
+
+/// Bound for a punched direct path in the repeated-trial tests, from the
+/// first message's arrival: room for a quic-mode attempt, the fall-back to
+/// probe mode and a birthday search (up to 1536 probes at 1000 pkt/s).
+const TO_PUNCH: Duration = Duration::from_secs(15);
+/// Trials of a repeated-trial test, one after another, each in a fresh lab.
+const TRIALS: usize = 10;
+/// How many of them must succeed.
+const MIN_SUCCESSES: usize = 9;
+/// Numbered messages sent over the punched path in each trial.
+const PUNCH_STREAM: usize = 200;
+
+/// One side of a pair: its NAT and its router's options.
+type SiteSpec = (NatKind, SiteOpts);
+
+/// What one trial of [`punch_trials`] saw.
+#[derive(Default)]
+struct PunchTrial {
+    /// Why the trial failed; None when it succeeded.
+    error: Option<String>,
+    /// The first message's delivery, from the nodes' start.
+    first: Option<Duration>,
+    /// When `a` and `b` were first seen `direct`, from the nodes' start.
+    direct: Option<(Duration, Duration)>,
+    /// Each side's punch statistics for the other, read after the trial
+    /// (None: the node did not answer or did not list the peer).
+    punch_a: Option<PunchStats>,
+    punch_b: Option<PunchStats>,
+    /// `a→b` and `b→a` at the end of the trial.
+    paths: (Option<String>, Option<String>),
+}
+
+impl PunchTrial {
+    fn ok(&self) -> bool {
+        self.error.is_none()
+    }
+
+    /// Whether either side made a probe-mode attempt.
+    fn probed(&self) -> bool {
+        [&self.punch_a, &self.punch_b]
+            .into_iter()
+            .flatten()
+            .any(|p| p.probe_attempts >= 1)
+    }
+}
+
+fn fmt_punch(p: &Option<PunchStats>) -> String {
+    match p {
+        None => "unknown".into(),
+        Some(p) => format!(
+            "quic {} probe {} attempts, {} probe packets ({} birthday), {} sockets, last {:?}",
+            p.quic_attempts,
+            p.probe_attempts,
+            p.probe_packets,
+            p.birthday_probes,
+            p.sockets,
+            p.last
+        ),
+    }
+}
+
+fn fmt_opt_ms(d: Option<Duration>) -> String {
+    d.map_or_else(|| "-".into(), ms)
+}
+
+/// One trial: a pair on sites `a` and `b`; the first message over the
+/// relay, then `direct` on both sides within [`TO_PUNCH`], then
+/// [`PUNCH_STREAM`] numbered messages; all of them (the first one too)
+/// exactly once and in order. Records the punch statistics also when the
+/// trial fails after the nodes ran.
+fn punch_trial(m: &mut MeshLab, a: SiteSpec, b: SiteSpec, t: &mut PunchTrial) -> Result<()> {
+    let p = start_pair_opts(m, a, b, &[])?;
+    t.first = Some(p.first);
+    let res = punch_trial_body(&p, t);
+    t.punch_a = p.a.peer("b").map(|s| s.punch);
+    t.punch_b = p.b.peer("a").map(|s| s.punch);
+    t.paths = (p.a.path_to("b"), p.b.path_to("a"));
+    res
+}
+
+fn punch_trial_body(p: &Pair, t: &mut PunchTrial) -> Result<()> {
+    check_relay_first(p)?;
+    t.direct = Some(wait_both(p, "direct", TO_PUNCH)?);
+    p.a.send_numbered("b", "after", PUNCH_STREAM)?;
+    let arrived = poll(SLOW, Duration::from_millis(100), "the stream", || {
+        (p.inbox.count() > PUNCH_STREAM).then_some(())
+    });
+    // Nothing more trickles in (a duplicate would).
+    std::thread::sleep(Duration::from_millis(300));
+    let want: Vec<String> = numbered("first", 1)
+        .chain(numbered("after", PUNCH_STREAM))
+        .collect();
+    // Where the stream differs says more than a timeout.
+    check_exact(&received(&p.inbox), &want)?;
+    arrived?;
+    ensure!(
+        p.a.path_to("b").as_deref() == Some("direct")
+            && p.b.path_to("a").as_deref() == Some("direct"),
+        "the punched path did not last the stream: a→b {:?}, b→a {:?}",
+        p.a.path_to("b"),
+        p.b.path_to("a")
+    );
+    Ok(())
+}
+
+/// Runs [`TRIALS`] trials of [`punch_trial`] one after another, each in a
+/// fresh lab that is dropped (its processes killed, its namespaces removed)
+/// before the next one starts, also when the trial fails; a failed trial's
+/// log tails are printed and its logs kept. Prints every trial; None when
+/// the lab is unavailable (the test is skipped).
+fn punch_trials(test: &str, a: SiteSpec, b: SiteSpec) -> Option<Vec<PunchTrial>> {
+    let _g = serial();
+    let mut trials = Vec::new();
+    for k in 0..TRIALS {
+        let label = format!("{test}-t{k}");
+        let mut t = PunchTrial::default();
+        // The first lab decides whether the test runs at all; after that a
+        // lab that cannot be made is a failed trial.
+        let lab = if k == 0 {
+            lab_or_skip(test)?
+        } else {
+            match Lab::new() {
+                Ok(lab) => lab,
+                Err(e) => {
+                    t.error = Some(format!("the lab: {e:#}"));
+                    eprintln!("{test} trial {k}: FAILED: the lab: {e:#}");
+                    trials.push(t);
+                    continue;
+                }
+            }
+        };
+        match MeshLab::new(&label, lab) {
+            Err(e) => t.error = Some(format!("{e:#}")),
+            Ok(mut m) => {
+                if let Err(e) = punch_trial(&mut m, a.clone(), b.clone(), &mut t) {
+                    t.error = Some(format!("{e:#}"));
+                    eprintln!("===== {label}: failed: {e:#}; logs =====");
+                    m.dump_logs(40);
+                    if let Some(keep) = m.keep_logs() {
+                        eprintln!("logs and the lab's rules kept in {}", keep.display());
+                    }
+                }
+                // `m` is dropped here: nothing of this trial outlives it.
+            }
+        }
+        eprintln!(
+            "{test} trial {k}: {}; first message {}, direct a→b {}, b→a {} (from process \
+             start); paths at the end a→b {:?}, b→a {:?}\n  punch a→b: {}\n  punch b→a: {}",
+            t.error
+                .as_ref()
+                .map_or_else(|| "ok".to_string(), |e| format!("FAILED: {e}")),
+            fmt_opt_ms(t.first),
+            fmt_opt_ms(t.direct.map(|d| d.0)),
+            fmt_opt_ms(t.direct.map(|d| d.1)),
+            t.paths.0,
+            t.paths.1,
+            fmt_punch(&t.punch_a),
+            fmt_punch(&t.punch_b),
+        );
+        trials.push(t);
+    }
+    Some(trials)
+}
+
+/// Prints the trials' summary and fails unless at least
+/// [`MIN_SUCCESSES`] of them succeeded.
+fn check_successes(test: &str, trials: &[PunchTrial]) {
+    let ok = trials.iter().filter(|t| t.ok()).count();
+    // Direct on both sides: the later of the two.
+    let mut ttd: Vec<Duration> = trials
+        .iter()
+        .filter(|t| t.ok())
+        .filter_map(|t| t.direct.map(|(a, b)| a.max(b)))
+        .collect();
+    ttd.sort();
+    let packets: Vec<u64> = trials
+        .iter()
+        .filter_map(|t| Some(t.punch_a.as_ref()?.probe_packets + t.punch_b.as_ref()?.probe_packets))
+        .collect();
+    eprintln!(
+        "{test}: {ok}/{} trials went direct and carried the stream; direct on both sides \
+         (from process start) min {}, median {}, max {}; probe packets per trial (a + b) {packets:?}",
+        trials.len(),
+        fmt_opt_ms(ttd.first().copied()),
+        fmt_opt_ms(ttd.get(ttd.len() / 2).copied()),
+        fmt_opt_ms(ttd.last().copied()),
+    );
+    let failures: Vec<String> = trials
+        .iter()
+        .enumerate()
+        .filter_map(|(k, t)| Some(format!("trial {k}: {}", t.error.as_ref()?)))
+        .collect();
+    assert!(
+        ok >= MIN_SUCCESSES,
+        "{test}: only {ok} of {} trials succeeded (at least {MIN_SUCCESSES} must):\n{}",
+        trials.len(),
+        failures.join("\n")
+    );
+}
+
+/// Two port-restricted cones whose routers have no WAN firewall: a punch
+/// packet that arrives before the peer's own opening packet reaches the
+/// router's stack, its conntrack entry takes the port and the NAT maps the
+/// host to another one. Low-TTL opening packets (probe mode) die before
+/// the peer's router, so they cannot do that.
+#[test]
+fn port_restricted_routers_without_wan_firewall_go_direct_in_9_of_10() {
+    let test = "pr_pr_nofw";
+    let Some(trials) = punch_trials(
+        test,
+        (NatKind::PortRestricted, SiteOpts::without_wan_firewall()),
+        (NatKind::PortRestricted, SiteOpts::without_wan_firewall()),
+    ) else {
+        return;
+    };
+    check_successes(test, &trials);
+}
+
+/// Two sequential symmetric NATs (seed 003): each side probes the other's
+/// next predicted ports in order from one probe socket, so the k-th new
+/// mapping on one side meets the k-th on the other.
+#[test]
+fn sequential_symmetric_pair_goes_direct_by_port_prediction_in_9_of_10() {
+    let test = "seq_seq";
+    let Some(trials) = punch_trials(
+        test,
+        (NatKind::SymmetricSequential, SiteOpts::default()),
+        (NatKind::SymmetricSequential, SiteOpts::default()),
+    ) else {
+        return;
+    };
+    check_successes(test, &trials);
+}
+
+/// A random symmetric NAT facing a port-restricted cone: the punch from
+/// the mesh's own QUIC socket cannot cross it, the birthday search of probe
+/// mode (256 sockets on the random side, up to 1536 probed ports on the
+/// other) can.
+#[test]
+fn random_symmetric_and_port_restricted_go_direct_by_birthday_in_9_of_10() {
+    let test = "rand_pr";
+    let Some(trials) = punch_trials(
+        test,
+        (NatKind::SymmetricRandom, SiteOpts::default()),
+        (NatKind::PortRestricted, SiteOpts::default()),
+    ) else {
+        return;
+    };
+    check_successes(test, &trials);
+    let unprobed: Vec<String> = trials
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.ok() && !t.probed())
+        .map(|(k, t)| {
+            format!(
+                "trial {k}: a→b {}; b→a {}",
+                fmt_punch(&t.punch_a),
+                fmt_punch(&t.punch_b)
+            )
+        })
+        .collect();
+    assert!(
+        unprobed.is_empty(),
+        "{test}: direct without a probe-mode attempt on either side (quic mode cannot cross \
+         a random symmetric NAT):\n{}",
+        unprobed.join("\n")
+    );
 }
 
 /// When (from `t0`), `a`'s path to `b`, `b`'s path to `a`.

@@ -182,15 +182,18 @@ impl ControlClient {
     }
 
     /// Asks the server to coordinate a punch to `peer`; returns once the
-    /// peer has sent its opening packets, with its candidates.
+    /// peer has sent its opening packets, with its candidates (and its probe
+    /// offer, for a punch from probe sockets).
     pub async fn request_punch(
         &mut self,
         peer: &str,
         candidates: Vec<String>,
+        probe: Option<peermesh_proto::api::ProbeOffer>,
     ) -> Result<RequestPunchResponse, Status> {
         let req = self.authed(RequestPunchRequest {
             peer_id: peer.to_string(),
             candidates,
+            probe,
         });
         Ok(self.rpc.request_punch(req).await?.into_inner())
     }
@@ -209,10 +212,12 @@ impl ControlClient {
         &mut self,
         punch_id: u64,
         candidates: Vec<String>,
+        probe: Option<peermesh_proto::api::ProbeOffer>,
     ) -> Result<(), Status> {
         let req = self.authed(PunchReadyRequest {
             punch_id,
             candidates,
+            probe,
         });
         self.rpc.punch_ready(req).await?;
         Ok(())

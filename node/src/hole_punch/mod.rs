@@ -9,7 +9,10 @@
 //! confirmation by probe/ack — as a pure state machine so that it can be run
 //! exhaustively on [`crate::netsim`].
 
+pub mod coordinated;
+pub mod driver;
 mod machine;
+pub mod plan;
 mod predict;
 mod wire;
 

@@ -99,6 +99,8 @@ pub struct MeshHandle {
     /// Messages from peers, per channel, in order per peer.
     pub inboxes: channel::Inboxes,
     pub local_peer_id: PeerId,
+    /// Hands sockets the hole puncher got through to QUIC.
+    pub adopter: swarm::punched::Adopter,
 }
 
 /// Circuits to dial a peer at, from what it published, completed with the
@@ -161,6 +163,7 @@ pub fn spawn(
         commands: swarm_tx,
         events: swarm_rx,
         local_peer_id,
+        adopter,
     } = swarm::spawn(keypair, listen, punch != PunchMode::Control, forward)?;
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
@@ -184,6 +187,7 @@ pub fn spawn(
         events: ev_rx,
         inboxes,
         local_peer_id,
+        adopter,
     })
 }
 

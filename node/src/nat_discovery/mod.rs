@@ -448,6 +448,15 @@ pub async fn probe(primary: SocketAddr) -> std::io::Result<Option<SocketAddr>> {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let socket = tokio::net::UdpSocket::bind(bind).await?;
+    probe_from(&socket, primary).await
+}
+
+/// The public endpoint of `socket` as the STUN server at `primary` sees it
+/// (three tries, 100 ms each); `None` when it does not answer.
+pub async fn probe_from(
+    socket: &tokio::net::UdpSocket,
+    primary: SocketAddr,
+) -> std::io::Result<Option<SocketAddr>> {
     let req = Request {
         txid: rand::random(),
         change_ip: false,

@@ -10,6 +10,7 @@
 
 pub mod forward;
 pub mod link_protocol;
+pub mod punched;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -132,6 +133,8 @@ pub struct SwarmHandle {
     pub commands: mpsc::Sender<Command>,
     pub events: mpsc::Receiver<Event>,
     pub local_peer_id: PeerId,
+    /// Hands punched sockets to the QUIC transport.
+    pub adopter: punched::Adopter,
 }
 
 pub fn circuit_addr(relay_addr: &Multiaddr, relay: PeerId) -> Multiaddr {
@@ -217,13 +220,18 @@ pub fn spawn(
     forward: bool,
 ) -> Result<SwarmHandle> {
     let local_peer_id = keypair.public().to_peer_id();
+    let mut adopter = None;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_quic_config(|mut c| {
+        .with_other_transport(|key| {
+            let mut c = libp2p::quic::Config::new(key);
             c.max_idle_timeout = QUIC_IDLE_TIMEOUT_MS;
             c.keep_alive_interval = QUIC_KEEP_ALIVE;
-            c
+            let (transport, a) = punched::PunchedQuic::new(c);
+            adopter = Some(a);
+            transport
         })
+        .map_err(|e| NodeError::Swarm(e.to_string()))?
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| NodeError::Swarm(e.to_string()))?
         .with_behaviour(|key, relay_client| MeshBehaviour {
@@ -272,6 +280,7 @@ pub fn spawn(
         commands: cmd_tx,
         events: ev_rx,
         local_peer_id,
+        adopter: adopter.expect("the transport constructor ran"),
     })
 }
 

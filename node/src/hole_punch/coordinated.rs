@@ -1,0 +1,215 @@
+//! A punch from probe sockets, coordinated through the control server: the
+//! caller opens socket 0 and makes an offer with its `RequestPunch`; the
+//! callee takes it up (or declines, and the punch is from the mesh's QUIC
+//! socket as before) with an offer of its own in `PunchReady`; then both run
+//! [`driver::run`] with the server's secret, and the winning socket goes to
+//! QUIC ([`crate::swarm::punched`]), where the caller dials the peer.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use peermesh_proto::api::ProbeOffer;
+use tokio::sync::mpsc;
+
+use super::driver::{self, Opened};
+use super::machine::{Config, Role};
+use super::plan::{self, Mapping, Offer};
+use crate::mesh::MeshCommand;
+use crate::swarm::punched::Adopter;
+
+/// The responder's socket may be rebinding for QUIC when the initiator's
+/// first packet arrives; a lost QUIC Initial costs a whole retransmission
+/// timeout, so the initiator gives it this long.
+const DIAL_AFTER: Duration = Duration::from_millis(25);
+
+/// What one punch did, back to the daemon for the link's status.
+#[derive(Debug)]
+pub enum Report {
+    /// A punch from the mesh's QUIC socket was asked for or answered.
+    Quic { peer: PeerId },
+    /// The control server refused the request (peer offline, timeout).
+    Refused { peer: PeerId },
+    Probe {
+        peer: PeerId,
+        packets: u64,
+        birthday_probes: u64,
+        sockets: u16,
+        /// "direct" or why not.
+        result: String,
+    },
+}
+
+/// This node's NAT as the punch needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct Own {
+    pub mapping: Mapping,
+    /// No NAT: opening packets have nothing to open and would reach the peer's router.
+    pub no_nat: bool,
+}
+
+/// Whether the callee takes up an offer: when a side's mapping is random (the
+/// mesh's QUIC socket cannot punch it), when both are sequential (libp2p
+/// dials the predicted ports in no fixed order, so the two sides' new
+/// mappings rarely pair up; probe sockets send in order), or when the
+/// caller falls back to it.
+pub fn take_up(own: Mapping, offer: &ProbeOffer) -> bool {
+    let peer = Mapping::parse(&offer.mapping, offer.port_stride);
+    let both_sequential = matches!(
+        (own, peer),
+        (Mapping::Sequential(_), Mapping::Sequential(_))
+    );
+    plan::worth_trying(own, peer)
+        && (offer.fallback || own == Mapping::Random || peer == Mapping::Random || both_sequential)
+}
+
+/// Socket 0 and its offer; `None` without STUN (nothing to offer).
+pub async fn offer(
+    stun: Option<SocketAddr>,
+    own: Own,
+    fallback: bool,
+) -> Option<(Opened, ProbeOffer)> {
+    let opened = match driver::open(stun).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::debug!(error = %e, "opening a probe socket");
+            return None;
+        }
+    };
+    let public = opened.public?;
+    let offer = ProbeOffer {
+        endpoint: public.to_string(),
+        mapping: own.mapping.as_str().to_string(),
+        port_stride: own.mapping.stride(),
+        fallback,
+    };
+    Some((opened, offer))
+}
+
+/// Everything one side needs to run its part.
+pub struct Attempt {
+    pub peer: PeerId,
+    pub role: Role,
+    pub secret: u64,
+    pub own: Own,
+    pub opened: Opened,
+    pub own_offer: ProbeOffer,
+    pub peer_offer: ProbeOffer,
+}
+
+/// Runs this side's part to the end; on success the socket is QUIC's and
+/// the initiator has dialed through it.
+pub async fn run(
+    a: Attempt,
+    adopter: Adopter,
+    mesh: mpsc::Sender<MeshCommand>,
+    reports: mpsc::Sender<Report>,
+) {
+    let peer = a.peer;
+    let report = |packets, birthday_probes, sockets, result: String| Report::Probe {
+        peer,
+        packets,
+        birthday_probes,
+        sockets,
+        result,
+    };
+    let parse = |o: &ProbeOffer| {
+        o.endpoint.parse::<SocketAddr>().ok().map(|endpoint| Offer {
+            endpoint,
+            mapping: Mapping::parse(&o.mapping, o.port_stride),
+        })
+    };
+    let (Some(own_offer), Some(peer_offer)) = (parse(&a.own_offer), parse(&a.peer_offer)) else {
+        let _ = reports
+            .send(report(0, 0, 0, "failed: malformed offer".into()))
+            .await;
+        return;
+    };
+    let Some(ins) = plan::instruction(a.role, a.secret, Instant::now(), &own_offer, &peer_offer)
+    else {
+        let _ = reports
+            .send(report(
+                0,
+                0,
+                0,
+                "no direct path possible (both NATs random)".into(),
+            ))
+            .await;
+        return;
+    };
+    let cfg = Config {
+        null_ttl: if a.own.no_nat {
+            None
+        } else {
+            Config::default().null_ttl
+        },
+        ..Config::default()
+    };
+    tracing::info!(%peer, role = ?a.role, sockets = ins.local_sockets, prediction = ?ins.prediction, peer_endpoint = %peer_offer.endpoint, "punch: probing from probe sockets");
+    let started = Instant::now();
+    let out = driver::run(a.opened.socket, cfg, ins).await;
+    let c = &out.counters;
+    let result = match out.result {
+        Ok(p) => match adopter.adopt(p.local_port, p.remote).await {
+            Ok(()) => {
+                tracing::info!(%peer, remote = %p.remote, local_port = p.local_port, rtt_ms = ?p.rtt.map(|r| r.as_secs_f64() * 1e3), packets = c.total_packets, birthday_probes = c.birthday_probes_sent, took_ms = started.elapsed().as_secs_f64() * 1e3, "punch: probe pair answered; QUIC takes the socket");
+                if a.role == Role::Initiator {
+                    tokio::time::sleep(DIAL_AFTER).await;
+                    let _ = mesh
+                        .send(MeshCommand::Punch {
+                            peer,
+                            addrs: vec![crate::relay::quic_addr(p.remote)],
+                            open_first: false,
+                            started: None,
+                        })
+                        .await;
+                }
+                "direct".to_string()
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "punch: handing the probe socket to QUIC");
+                format!("failed: {e}")
+            }
+        },
+        Err(reason) => {
+            tracing::info!(%peer, ?reason, packets = c.total_packets, birthday_probes = c.birthday_probes_sent, "punch: no probe pair answered");
+            format!("failed: {reason:?}")
+        }
+    };
+    let _ = reports
+        .send(report(
+            c.total_packets,
+            c.birthday_probes_sent,
+            out.sockets,
+            result,
+        ))
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(mapping: &str, fallback: bool) -> ProbeOffer {
+        ProbeOffer {
+            endpoint: "198.18.0.9:4000".into(),
+            mapping: mapping.into(),
+            port_stride: 0,
+            fallback,
+        }
+    }
+
+    #[test]
+    fn callee_takes_up_hard_pairs_and_fallbacks_only() {
+        let cone = "endpoint_independent";
+        assert!(!take_up(Mapping::Stable, &offer(cone, false)));
+        assert!(take_up(Mapping::Stable, &offer(cone, true)));
+        assert!(take_up(Mapping::Random, &offer(cone, false)));
+        assert!(take_up(Mapping::Stable, &offer("random", false)));
+        assert!(!take_up(Mapping::Random, &offer("random", true)));
+        let mut seq = offer("sequential", false);
+        seq.port_stride = 1;
+        assert!(take_up(Mapping::Sequential(2), &seq));
+        assert!(!take_up(Mapping::Stable, &seq));
+    }
+}
