@@ -905,6 +905,7 @@ impl Node {
                     tracing::info!(peer = %id, "peer left");
                     self.links.remove(&id);
                     if let Ok(peer) = id.parse() {
+                        self.adopter.release(peer);
                         let _ = self.mesh.send(MeshCommand::Remove { peer }).await;
                     }
                     dirty = true;

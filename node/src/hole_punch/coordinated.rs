@@ -150,7 +150,7 @@ pub async fn run(
     let out = driver::run(a.opened.socket, cfg, ins).await;
     let c = &out.counters;
     let result = match out.result {
-        Ok(p) => match adopter.adopt(p.local_port, p.remote).await {
+        Ok(p) => match adopter.adopt(peer, p.local_port, p.remote).await {
             Ok(()) => {
                 tracing::info!(%peer, remote = %p.remote, local_port = p.local_port, rtt_ms = ?p.rtt.map(|r| r.as_secs_f64() * 1e3), packets = c.total_packets, birthday_probes = c.birthday_probes_sent, took_ms = started.elapsed().as_secs_f64() * 1e3, "punch: probe pair answered; QUIC takes the socket");
                 if a.role == Role::Initiator {

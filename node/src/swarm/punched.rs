@@ -31,14 +31,16 @@ pub const MAX_ADOPTED: usize = 128;
 /// Requests from the hole puncher to the transport.
 #[derive(Debug)]
 pub enum Request {
-    /// Bind `port` (just closed by the hole puncher) for QUIC towards `remote`.
+    /// Bind `port` (just closed by the hole puncher) for QUIC towards
+    /// `remote`, in place of any earlier punched socket for `peer`.
     Adopt {
+        peer: PeerId,
         port: u16,
         remote: SocketAddr,
         done: oneshot::Sender<Result<(), String>>,
     },
-    /// The path over that socket is gone: close it.
-    Release { remote: SocketAddr },
+    /// The peer is gone: close its punched socket.
+    Release { peer: PeerId },
 }
 
 /// Where the hole puncher hands sockets over. Cheap to clone.
@@ -48,22 +50,29 @@ pub struct Adopter {
 }
 
 impl Adopter {
-    /// Hands `port` over for QUIC with `remote`; returns once it is bound.
-    pub async fn adopt(&self, port: u16, remote: SocketAddr) -> Result<(), String> {
+    /// Hands `port` over for QUIC with `peer` at `remote`; returns once it
+    /// is bound.
+    pub async fn adopt(&self, peer: PeerId, port: u16, remote: SocketAddr) -> Result<(), String> {
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(Request::Adopt { port, remote, done })
+            .send(Request::Adopt {
+                peer,
+                port,
+                remote,
+                done,
+            })
             .await
             .map_err(|_| "the swarm is gone".to_string())?;
         rx.await.map_err(|_| "the swarm is gone".to_string())?
     }
 
-    pub fn release(&self, remote: SocketAddr) {
-        let _ = self.tx.try_send(Request::Release { remote });
+    pub fn release(&self, peer: PeerId) {
+        let _ = self.tx.try_send(Request::Release { peer });
     }
 }
 
 struct Adopted {
+    peer: PeerId,
     remote: SocketAddr,
     transport: quic::tokio::Transport,
 }
@@ -91,8 +100,11 @@ impl PunchedQuic {
         )
     }
 
-    fn adopt(&mut self, port: u16, remote: SocketAddr) -> Result<(), String> {
-        self.release(remote);
+    /// A peer is punched again only once its direct path is gone, so an
+    /// earlier socket of the same peer is idle and goes.
+    fn adopt(&mut self, peer: PeerId, port: u16, remote: SocketAddr) -> Result<(), String> {
+        self.adopted
+            .retain(|a| a.peer != peer && a.remote != remote);
         if self.adopted.len() >= MAX_ADOPTED {
             if let Some(old) = self.adopted.pop_front() {
                 tracing::debug!(remote = %old.remote, "punched socket: dropping the oldest");
@@ -103,13 +115,17 @@ impl PunchedQuic {
         transport
             .listen_on(ListenerId::next(), crate::relay::quic_addr(local))
             .map_err(|e| format!("binding punched port {port} again: {e}"))?;
-        tracing::debug!(%remote, port, "punched socket adopted for QUIC");
-        self.adopted.push_back(Adopted { remote, transport });
+        tracing::debug!(%peer, %remote, port, "punched socket adopted for QUIC");
+        self.adopted.push_back(Adopted {
+            peer,
+            remote,
+            transport,
+        });
         Ok(())
     }
 
-    fn release(&mut self, remote: SocketAddr) {
-        self.adopted.retain(|a| a.remote != remote);
+    fn release(&mut self, peer: PeerId) {
+        self.adopted.retain(|a| a.peer != peer);
     }
 }
 
@@ -166,10 +182,15 @@ impl Transport for PunchedQuic {
         let this = &mut *self;
         while let Poll::Ready(Some(req)) = this.requests.poll_recv(cx) {
             match req {
-                Request::Adopt { port, remote, done } => {
-                    let _ = done.send(this.adopt(port, remote));
+                Request::Adopt {
+                    peer,
+                    port,
+                    remote,
+                    done,
+                } => {
+                    let _ = done.send(this.adopt(peer, port, remote));
                 }
-                Request::Release { remote } => this.release(remote),
+                Request::Release { peer } => this.release(peer),
             }
         }
         if let Poll::Ready(ev) = Pin::new(&mut this.main).poll(cx) {
