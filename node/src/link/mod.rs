@@ -31,6 +31,10 @@ const WRITE_STALL: Duration = Duration::from_secs(3);
 const PENDING_LIMIT: usize = 1024;
 /// How often a link with no path asks the swarm to dial again.
 const REDIAL: Duration = Duration::from_millis(500);
+/// First wait before redialing after a failed dial; doubles per failure.
+const QUICK_REDIAL: Duration = Duration::from_millis(50);
+/// Quick redials before only the [`REDIAL`] tick is left.
+const QUICK_REDIALS: u32 = 3;
 /// Waits between coordinated punch attempts while no direct path exists:
 /// the first goes out as soon as the relayed path is up, later ones
 /// back off to this cap.
@@ -74,6 +78,8 @@ pub enum LinkInput {
         path: PathId,
         reason: String,
     },
+    /// A dial to the peer failed (e.g. the relay did not know the peer yet).
+    DialFailed,
 }
 
 /// What a link reports to the node (status, control server).
@@ -158,6 +164,11 @@ struct Worker {
     next_punch: Option<Instant>,
     forward_attempts: u32,
     next_forward: Option<Instant>,
+    /// A redial sooner than the [`REDIAL`] tick after a failed dial, while
+    /// the link has no connection: the first byte should not wait 500 ms
+    /// because the relay learnt of the peer a moment after we did.
+    quick_redial: Option<Instant>,
+    quick_redials: u32,
 }
 
 pub fn spawn(
@@ -198,6 +209,8 @@ pub fn spawn(
         next_punch: None,
         forward_attempts: 0,
         next_forward: None,
+        quick_redial: None,
+        quick_redials: 0,
     };
     let task = tokio::spawn(worker.run(input_rx, send_rx));
     LinkHandle {
@@ -236,6 +249,13 @@ impl Worker {
                 }
             };
             let accept_app = self.pending.len() < PENDING_LIMIT;
+            let quick = self.quick_redial;
+            let quick_redial = async {
+                match quick {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 input = inputs.recv() => match input {
                     Some(i) => self.on_input(i).await,
@@ -251,6 +271,10 @@ impl Worker {
                     None => return,
                 },
                 _ = sleep => self.switch.handle_timeout(Instant::now()),
+                _ = quick_redial => {
+                    self.quick_redial = None;
+                    self.maybe_dial().await;
+                }
                 _ = redial.tick() => {
                     self.maybe_dial().await;
                     self.maybe_punch().await;
@@ -367,6 +391,8 @@ impl Worker {
             } => {
                 tracing::debug!(peer = %self.peer, ?connection, ?kind, ?via, "connection up");
                 self.connections.insert(connection, (kind, via));
+                self.quick_redial = None;
+                self.quick_redials = 0;
                 if self.leads() {
                     let _ = self
                         .swarm
@@ -430,6 +456,16 @@ impl Worker {
                 }
             }
             LinkInput::PathClosed { path, reason } => self.close_path(path, &reason, now),
+            LinkInput::DialFailed => {
+                // 50, 100, 200 ms; then the regular tick.
+                if self.connections.is_empty()
+                    && self.quick_redial.is_none()
+                    && self.quick_redials < QUICK_REDIALS
+                {
+                    self.quick_redial = Some(now + QUICK_REDIAL * (1 << self.quick_redials));
+                    self.quick_redials += 1;
+                }
+            }
         }
     }
 

@@ -326,6 +326,11 @@ impl Mesh {
                 let _ = self.events.send(MeshEvent::Reachable(addrs)).await;
             }
             swarm::Event::HomeRelay(_) | swarm::Event::DirectUpgrade { .. } => {}
+            swarm::Event::DialFailed { peer } => {
+                if let Some(tx) = route(&peer) {
+                    let _ = tx.send(LinkInput::DialFailed).await;
+                }
+            }
             swarm::Event::Rtt {
                 peer,
                 connection,

@@ -127,6 +127,10 @@ pub enum Event {
         ok: bool,
         error: Option<String>,
     },
+    /// A dial to this peer failed.
+    DialFailed {
+        peer: PeerId,
+    },
 }
 
 pub struct SwarmHandle {
@@ -686,6 +690,9 @@ impl Task {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
+                if let Some(peer) = peer_id {
+                    emit(&self.events, Event::DialFailed { peer }).await;
+                }
             }
             _ => {}
         }
