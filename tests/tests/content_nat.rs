@@ -3,11 +3,11 @@
 //!
 //! `nat_sites_fetch_from_each_other`: the origin (`hosting-server`) runs on the public host
 //! next to the control server and the relay. Node `a` sits behind a port-restricted cone NAT,
-//! `b` behind a full cone NAT and `c` behind a random symmetric NAT (no direct path to it can
-//! exist, so whatever it exchanges goes through the relay). `a` fetches a 16 MiB file first
+//! `b` behind a full cone NAT and `c` behind a random symmetric NAT (reached directly only by
+//! a birthday search, and through the relay until then). `a` fetches a 16 MiB file first
 //! (from the origin: nobody else has it); then `b` and `c` fetch it at the same time and get
-//! most of it from the peers, across (cone, cone) direct paths and (symmetric, *) relayed
-//! ones. Every copy matches the origin's hash.
+//! most of it from the peers, across whatever paths their links are on. Every copy matches
+//! the origin's hash.
 
 #[path = "support/content.rs"]
 mod support;
@@ -121,10 +121,12 @@ fn nat_sites_fetch_from_each_other() {
                 100.0 * share
             );
         }
-        // c (random symmetric NAT) is reachable only through the relay, and still traded.
-        ensure!(
-            c.path_to("a").as_deref() != Some("direct"),
-            "c reached a directly?"
+        // c (random symmetric NAT) traded (its origin share is checked above),
+        // whichever paths it had.
+        eprintln!(
+            "c's paths: to a {:?}, to b {:?}",
+            c.path_to("a"),
+            c.path_to("b")
         );
         Ok(())
     });
