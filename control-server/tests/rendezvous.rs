@@ -239,32 +239,27 @@ async fn probe_offers_cross_over_with_one_secret() {
         fallback: false,
     };
 
-    assert_status(
-        node.request_punch(bearer(
-            RequestPunchRequest {
-                peer_id: b.node_id().to_string(),
-                candidates: vec![],
-                probe: Some(offer("not an endpoint", "random")),
-            },
-            a.credential(),
-        ))
-        .await,
-        Code::InvalidArgument,
-        "not host:port",
-    );
-    assert_status(
-        node.request_punch(bearer(
-            RequestPunchRequest {
-                peer_id: b.node_id().to_string(),
-                candidates: vec![],
-                probe: Some(offer("198.51.100.1:4000", "sideways")),
-            },
-            a.credential(),
-        ))
-        .await,
-        Code::InvalidArgument,
-        "unknown NAT mapping",
-    );
+    for (bad, why) in [
+        (offer("not an endpoint", "random"), "not host:port"),
+        (
+            offer("198.51.100.1:4000", "sideways"),
+            "unknown NAT mapping",
+        ),
+    ] {
+        assert_status(
+            node.request_punch(bearer(
+                RequestPunchRequest {
+                    peer_id: b.node_id().to_string(),
+                    candidates: vec![],
+                    probe: Some(bad),
+                },
+                a.credential(),
+            ))
+            .await,
+            Code::InvalidArgument,
+            why,
+        );
+    }
 
     let caller = {
         let mut node = node.clone();

@@ -718,33 +718,53 @@ impl Node {
             } else {
                 (predictor, own)
             };
-            if let Some(peer_offer) = p
+            let answer = p
                 .peer_probe
-                .clone()
-                .filter(|o| coordinated::take_up(own.mapping, o))
-            {
-                tracing::info!(%peer, punch = p.punch_id, "punch: taking up probe sockets");
-                if let Some((opened, own_offer)) = coordinated::offer(stun, own, false).await {
-                    let attempt = coordinated::Attempt {
-                        peer,
-                        role: Role::Responder,
-                        secret: p.probe_secret,
-                        own,
-                        opened,
-                        own_offer: own_offer.clone(),
-                        peer_offer,
-                    };
-                    let probing = tokio::spawn(coordinated::run(attempt, adopter, mesh, reports));
-                    if let Err(s) = client
-                        .punch_ready(p.punch_id, candidates, Some(own_offer))
-                        .await
-                    {
-                        tracing::debug!(%peer, code = ?s.code(), error = %s.message(), "punch ready refused");
-                        probing.abort();
+                .as_ref()
+                .map(|o| coordinated::answer(own.mapping, o));
+            if let (Some(answer), Some(peer_offer)) = (answer, p.peer_probe.clone()) {
+                if answer != coordinated::Answer::Quic {
+                    if let Some((opened, own_offer)) = coordinated::offer(stun, own, false).await {
+                        if answer == coordinated::Answer::Nothing {
+                            drop(opened);
+                            tracing::info!(%peer, punch = p.punch_id, "punch: no direct path can exist; not punching");
+                            let _ = reports
+                                .send(coordinated::Report::Probe {
+                                    peer,
+                                    packets: 0,
+                                    birthday_probes: 0,
+                                    sockets: 0,
+                                    result: coordinated::NO_DIRECT_PATH.into(),
+                                })
+                                .await;
+                            let _ = client
+                                .punch_ready(p.punch_id, candidates, Some(own_offer))
+                                .await;
+                            return;
+                        }
+                        tracing::info!(%peer, punch = p.punch_id, "punch: taking up probe sockets");
+                        let attempt = coordinated::Attempt {
+                            peer,
+                            role: Role::Responder,
+                            secret: p.probe_secret,
+                            own,
+                            opened,
+                            own_offer: own_offer.clone(),
+                            peer_offer,
+                        };
+                        let probing =
+                            tokio::spawn(coordinated::run(attempt, adopter, mesh, reports));
+                        if let Err(s) = client
+                            .punch_ready(p.punch_id, candidates, Some(own_offer))
+                            .await
+                        {
+                            tracing::debug!(%peer, code = ?s.code(), error = %s.message(), "punch ready refused");
+                            probing.abort();
+                        }
+                        return;
                     }
-                    return;
+                    // No probe socket (no STUN answer): from the QUIC socket then.
                 }
-                // No probe socket (no STUN answer): from the QUIC socket then.
             }
             tracing::info!(%peer, punch = p.punch_id, candidates = addrs.len(), "punch: opening towards the caller");
             let _ = reports.send(coordinated::Report::Quic { peer }).await;

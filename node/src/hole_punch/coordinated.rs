@@ -48,20 +48,42 @@ pub struct Own {
     pub no_nat: bool,
 }
 
-/// Whether the callee takes up an offer: when a side's mapping is random (the
-/// mesh's QUIC socket cannot punch it), when both are sequential (libp2p
-/// dials the predicted ports in no fixed order, so the two sides' new
-/// mappings rarely pair up; probe sockets send in order), or when the
-/// caller falls back to it.
-pub fn take_up(own: Mapping, offer: &ProbeOffer) -> bool {
+/// What the callee does with a caller's offer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Punch from probe sockets.
+    Probe,
+    /// Decline: punch from the mesh's QUIC socket.
+    Quic,
+    /// No direct path can exist (a random symmetric NAT against another
+    /// symmetric one): answer with an offer so that the caller knows too,
+    /// and send nothing; forwarding or the relay carries the link.
+    Nothing,
+}
+
+/// Probe sockets when a side's mapping is random (the mesh's QUIC socket
+/// cannot punch it), when both are sequential (libp2p dials the predicted
+/// ports in no fixed order, so the two sides' new mappings rarely pair up;
+/// probe sockets send in order), or when the caller falls back to them.
+pub fn answer(own: Mapping, offer: &ProbeOffer) -> Answer {
     let peer = Mapping::parse(&offer.mapping, offer.port_stride);
+    if !plan::worth_trying(own, peer) {
+        return Answer::Nothing;
+    }
     let both_sequential = matches!(
         (own, peer),
         (Mapping::Sequential(_), Mapping::Sequential(_))
     );
-    plan::worth_trying(own, peer)
-        && (offer.fallback || own == Mapping::Random || peer == Mapping::Random || both_sequential)
+    if offer.fallback || own == Mapping::Random || peer == Mapping::Random || both_sequential {
+        Answer::Probe
+    } else {
+        Answer::Quic
+    }
 }
+
+/// Why [`Answer::Nothing`], as status shows it.
+pub const NO_DIRECT_PATH: &str =
+    "no direct path possible (random symmetric NAT against a symmetric one)";
 
 /// Socket 0 and its offer; `None` without STUN (nothing to offer).
 pub async fn offer(
@@ -127,14 +149,7 @@ pub async fn run(
     };
     let Some(ins) = plan::instruction(a.role, a.secret, Instant::now(), &own_offer, &peer_offer)
     else {
-        let _ = reports
-            .send(report(
-                0,
-                0,
-                0,
-                "no direct path possible (both NATs random)".into(),
-            ))
-            .await;
+        let _ = reports.send(report(0, 0, 0, NO_DIRECT_PATH.into())).await;
         return;
     };
     let cfg = Config {
@@ -202,14 +217,27 @@ mod tests {
     #[test]
     fn callee_takes_up_hard_pairs_and_fallbacks_only() {
         let cone = "endpoint_independent";
-        assert!(!take_up(Mapping::Stable, &offer(cone, false)));
-        assert!(take_up(Mapping::Stable, &offer(cone, true)));
-        assert!(take_up(Mapping::Random, &offer(cone, false)));
-        assert!(take_up(Mapping::Stable, &offer("random", false)));
-        assert!(!take_up(Mapping::Random, &offer("random", true)));
+        assert_eq!(answer(Mapping::Stable, &offer(cone, false)), Answer::Quic);
+        assert_eq!(answer(Mapping::Stable, &offer(cone, true)), Answer::Probe);
+        assert_eq!(answer(Mapping::Random, &offer(cone, false)), Answer::Probe);
+        assert_eq!(
+            answer(Mapping::Stable, &offer("random", false)),
+            Answer::Probe
+        );
+        assert_eq!(
+            answer(Mapping::Random, &offer("random", true)),
+            Answer::Nothing
+        );
         let mut seq = offer("sequential", false);
         seq.port_stride = 1;
-        assert!(take_up(Mapping::Sequential(2), &seq));
-        assert!(!take_up(Mapping::Stable, &seq));
+        assert_eq!(answer(Mapping::Sequential(2), &seq), Answer::Probe);
+        assert_eq!(answer(Mapping::Stable, &seq), Answer::Quic);
+        assert_eq!(answer(Mapping::Random, &seq), Answer::Nothing);
+        // Unknown NATs are tried the usual way.
+        assert_eq!(
+            answer(Mapping::Unknown, &offer("random", false)),
+            Answer::Probe
+        );
+        assert_eq!(answer(Mapping::Unknown, &offer("", false)), Answer::Quic);
     }
 }

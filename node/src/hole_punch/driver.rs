@@ -251,19 +251,21 @@ mod tests {
     use crate::hole_punch::plan::{self, Mapping, Offer};
     use crate::hole_punch::Role;
 
+    /// A loopback socket and its offer (no NAT: the endpoint is the socket's).
+    async fn side() -> (UdpSocket, Offer) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let offer = Offer {
+            endpoint: socket.local_addr().unwrap(),
+            mapping: Mapping::Stable,
+        };
+        (socket, offer)
+    }
+
     /// Two attempts on loopback find each other and free the winning port.
     #[tokio::test]
     async fn two_sides_on_loopback_agree_on_one_pair() {
-        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let oa = Offer {
-            endpoint: a.local_addr().unwrap(),
-            mapping: Mapping::Stable,
-        };
-        let ob = Offer {
-            endpoint: b.local_addr().unwrap(),
-            mapping: Mapping::Stable,
-        };
+        let (a, oa) = side().await;
+        let (b, ob) = side().await;
         let start = Instant::now();
         let cfg = Config {
             // Loopback has no NAT to open.
@@ -289,16 +291,8 @@ mod tests {
     /// A wrong secret never finishes an attempt; it times out.
     #[tokio::test]
     async fn probes_with_another_secret_are_ignored() {
-        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let oa = Offer {
-            endpoint: a.local_addr().unwrap(),
-            mapping: Mapping::Stable,
-        };
-        let ob = Offer {
-            endpoint: b.local_addr().unwrap(),
-            mapping: Mapping::Stable,
-        };
+        let (a, oa) = side().await;
+        let (b, ob) = side().await;
         let start = Instant::now();
         let cfg = Config {
             null_ttl: None,
@@ -316,17 +310,9 @@ mod tests {
     /// Garbage on a probe socket is counted and changes nothing.
     #[tokio::test]
     async fn garbage_is_counted_not_fatal() {
-        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let port = a.local_addr().unwrap().port();
-        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let oa = Offer {
-            endpoint: a.local_addr().unwrap(),
-            mapping: Mapping::Stable,
-        };
-        let op = Offer {
-            endpoint: peer.local_addr().unwrap(),
-            mapping: Mapping::Stable,
-        };
+        let (a, oa) = side().await;
+        let port = oa.endpoint.port();
+        let (peer, op) = side().await;
         let cfg = Config {
             null_ttl: None,
             attempt_timeout: Duration::from_millis(400),
