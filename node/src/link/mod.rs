@@ -37,8 +37,10 @@ const QUICK_REDIAL: Duration = Duration::from_millis(50);
 const QUICK_REDIALS: u32 = 3;
 /// Waits between coordinated punch attempts while no direct path exists:
 /// the first goes out as soon as the relayed path is up, later ones
-/// back off to this cap.
-const PUNCH_BACKOFF_FIRST: Duration = Duration::from_secs(1);
+/// back off to this cap. The second attempt is the one that falls back to
+/// probe sockets when the QUIC socket's punch did not work (a router
+/// without WAN firewall), so it comes after half a second, not later.
+const PUNCH_BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const PUNCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Pings (one every 500 ms) over which loss is reported: the last 10 s.
 const PING_WINDOW: usize = 20;
@@ -256,6 +258,14 @@ impl Worker {
                     None => std::future::pending().await,
                 }
             };
+            // The next punch goes out when due, not at the next redial tick.
+            let punch_due = self.next_punch.filter(|_| self.wants_punch());
+            let punch_timer = async {
+                match punch_due {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 input = inputs.recv() => match input {
                     Some(i) => self.on_input(i).await,
@@ -275,6 +285,7 @@ impl Worker {
                     self.quick_redial = None;
                     self.maybe_dial().await;
                 }
+                _ = punch_timer => self.maybe_punch().await,
                 _ = redial.tick() => {
                     self.maybe_dial().await;
                     self.maybe_punch().await;
@@ -313,10 +324,16 @@ impl Worker {
 
     /// The leader asks for a coordinated punch while the peer is reachable
     /// through a relay but not directly; the follower is the callee.
-    async fn maybe_punch(&mut self) {
+    /// Whether this side should be punching: it leads, and the peer is
+    /// reachable through a relay but not directly.
+    fn wants_punch(&self) -> bool {
         let direct = has(&self.connections, path_switch::PathKind::Direct);
         let relayed = !self.connections.is_empty() && !direct;
-        if !self.control_punch || !self.leads() || !relayed || direct {
+        self.control_punch && self.leads() && relayed
+    }
+
+    async fn maybe_punch(&mut self) {
+        if !self.wants_punch() {
             return;
         }
         let now = Instant::now();
