@@ -84,7 +84,8 @@ fn main() -> Result<()> {
         },
     )?;
     println!(
-        "every link relayed first, then direct (hole punched through the control server) after {:?}",
+        "all links direct after {:?} (a link starts on the relay and moves to a direct path \
+         once the punch coordinated by the control server gets through)",
         t0.elapsed()
     );
     println!("\n$ meshnode status --state {}", nodes[0].state.display());
