@@ -312,11 +312,12 @@ fn resolve(view: &NodeStatus, peer: &str) -> Option<PeerId> {
         .and_then(|p| p.id.parse().ok())
 }
 
-async fn write_line<T: Serialize>(
+/// One JSON line on the node's socket (requests and answers of every service).
+pub(crate) async fn write_line<T: Serialize>(
     w: &mut (impl AsyncWriteExt + Unpin),
     v: &T,
 ) -> std::io::Result<()> {
-    let mut out = serde_json::to_vec(v).expect("answers serialize");
+    let mut out = serde_json::to_vec(v).expect("lines serialize");
     out.push(b'\n');
     w.write_all(&out).await
 }
@@ -527,7 +528,16 @@ impl Client {
         NodeError::Status(format!("node socket {}: {e}", self.socket.display()))
     }
 
-    async fn line<T: serde::de::DeserializeOwned>(&mut self) -> Result<T> {
+    /// Sends one request line of any shape: services (content, sessions)
+    /// answer in their own shape, read with [`Self::read_line`].
+    pub(crate) async fn write_request<T: Serialize>(&mut self, req: &T) -> Result<()> {
+        write_line(&mut self.writer, req)
+            .await
+            .map_err(|e| self.io(e))
+    }
+
+    /// The next answer line.
+    pub(crate) async fn read_line<T: serde::de::DeserializeOwned>(&mut self) -> Result<T> {
         let mut line = String::new();
         let n = self
             .reader
@@ -542,10 +552,8 @@ impl Client {
     }
 
     async fn call(&mut self, req: &Request) -> Result<Answer> {
-        write_line(&mut self.writer, req)
-            .await
-            .map_err(|e| self.io(e))?;
-        let a: Answer = self.line().await?;
+        self.write_request(req).await?;
+        let a: Answer = self.read_line().await?;
         match &a.error {
             Some(e) if !a.ok => Err(NodeError::Status(e.clone())),
             _ => Ok(a),
@@ -588,7 +596,7 @@ impl Client {
     }
 
     pub async fn next_progress(&mut self) -> Result<SinkProgress> {
-        self.line().await
+        self.read_line().await
     }
 
     /// Turns this connection into a stream of received messages.
@@ -597,7 +605,7 @@ impl Client {
     }
 
     pub async fn next_message(&mut self) -> Result<Received> {
-        self.line().await
+        self.read_line().await
     }
 }
 

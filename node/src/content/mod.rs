@@ -26,8 +26,9 @@ pub mod wire;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
+use tokio::io::AsyncWrite;
+
+use crate::status::write_line;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use service::{spawn, ContentConfig};
@@ -205,12 +206,6 @@ impl GetLine {
     }
 }
 
-async fn write_line<T: Serialize>(w: &mut (impl AsyncWrite + Unpin), v: &T) -> std::io::Result<()> {
-    let mut out = serde_json::to_vec(v).expect("serializes");
-    out.push(b'\n');
-    w.write_all(&out).await
-}
-
 /// The node's side of `{"op":"get"}`: progress lines every 200 ms, then the report (or the
 /// error). The fetch goes on if the client goes away (its chunks are cached either way).
 pub async fn answer_get(
@@ -256,31 +251,12 @@ pub async fn get_via_socket(
     mut on_progress: impl FnMut(&FetchProgress),
 ) -> Result<FetchReport, crate::NodeError> {
     use crate::NodeError;
-    let stream = UnixStream::connect(socket).await.map_err(|e| {
-        NodeError::Status(format!(
-            "cannot reach the node at {} ({e}); is `meshnode up` running with this --state?",
-            socket.display()
-        ))
-    })?;
-    let (r, mut w) = stream.into_split();
+    let mut client = crate::status::Client::connect(socket).await?;
     let mut line = serde_json::to_value(req).expect("serializes");
     line["op"] = "get".into();
-    write_line(&mut w, &line)
-        .await
-        .map_err(|e| NodeError::Status(format!("node socket: {e}")))?;
-    let mut reader = BufReader::new(r);
-    let mut buf = String::new();
+    client.write_request(&line).await?;
     loop {
-        buf.clear();
-        let n = reader
-            .read_line(&mut buf)
-            .await
-            .map_err(|e| NodeError::Status(format!("node socket: {e}")))?;
-        if n == 0 {
-            return Err(NodeError::Status("the node closed the connection".into()));
-        }
-        let l: GetLine = serde_json::from_str(&buf)
-            .map_err(|e| NodeError::Status(format!("malformed answer from the node: {e}")))?;
+        let l: GetLine = client.read_line().await?;
         if !l.ok {
             return Err(NodeError::Status(
                 l.error.unwrap_or_else(|| "the fetch failed".into()),

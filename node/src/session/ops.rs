@@ -18,12 +18,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt};
 
 use super::state::SessionView;
 use super::{Joined, SessionHandle};
 use crate::error::{NodeError, Result};
+use crate::status::write_line;
 use crate::status::Request;
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -92,15 +92,6 @@ impl SessionAnswer {
             ..Default::default()
         }
     }
-}
-
-async fn write_line<T: Serialize>(
-    w: &mut (impl AsyncWriteExt + Unpin),
-    v: &T,
-) -> std::io::Result<()> {
-    let mut out = serde_json::to_vec(v).expect("answers serialize");
-    out.push(b'\n');
-    w.write_all(&out).await
 }
 
 /// Shortest and longest period of a `watch`.
@@ -175,38 +166,19 @@ pub async fn answer(
 
 /// A game process's connection to its node.
 pub struct SessionClient {
-    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
-    writer: tokio::net::unix::OwnedWriteHalf,
+    client: crate::status::Client,
 }
 
 impl SessionClient {
     /// Connects to the status socket of a running node (`STATE/meshnode.sock`).
     pub async fn connect(socket: &Path) -> Result<Self> {
-        let stream = UnixStream::connect(socket).await.map_err(|e| {
-            NodeError::Status(format!(
-                "cannot reach the node at {}: {e}",
-                socket.display()
-            ))
-        })?;
-        let (r, w) = stream.into_split();
         Ok(Self {
-            reader: BufReader::new(r),
-            writer: w,
+            client: crate::status::Client::connect(socket).await?,
         })
     }
 
     async fn next(&mut self) -> Result<SessionAnswer> {
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .await
-            .map_err(|e| NodeError::Status(format!("node socket: {e}")))?;
-        if n == 0 {
-            return Err(NodeError::Status("the node closed the connection".into()));
-        }
-        let a: SessionAnswer = serde_json::from_str(&line)
-            .map_err(|e| NodeError::Status(format!("malformed answer from the node: {e}")))?;
+        let a: SessionAnswer = self.client.read_line().await?;
         if !a.ok {
             return Err(NodeError::Status(
                 a.error.unwrap_or_else(|| "refused".into()),
@@ -216,12 +188,7 @@ impl SessionClient {
     }
 
     async fn call(&mut self, req: SessionRequest) -> Result<SessionAnswer> {
-        let mut out = serde_json::to_vec(&Request::Session(req)).expect("requests serialize");
-        out.push(b'\n');
-        self.writer
-            .write_all(&out)
-            .await
-            .map_err(|e| NodeError::Status(format!("node socket: {e}")))?;
+        self.client.write_request(&Request::Session(req)).await?;
         self.next().await
     }
 
@@ -269,16 +236,12 @@ impl SessionClient {
     /// Turns this connection into a stream of views, one every `every_ms`
     /// ([`Self::next_view`]).
     pub async fn watch(mut self, every_ms: u64) -> Result<ViewStream> {
-        let mut out = serde_json::to_vec(&Request::Session(SessionRequest {
-            every_ms: Some(every_ms),
-            ..SessionRequest::new(Action::Watch)
-        }))
-        .expect("requests serialize");
-        out.push(b'\n');
-        self.writer
-            .write_all(&out)
-            .await
-            .map_err(|e| NodeError::Status(format!("node socket: {e}")))?;
+        self.client
+            .write_request(&Request::Session(SessionRequest {
+                every_ms: Some(every_ms),
+                ..SessionRequest::new(Action::Watch)
+            }))
+            .await?;
         Ok(ViewStream { client: self })
     }
 }
