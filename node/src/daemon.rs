@@ -638,10 +638,18 @@ impl Node {
         let reports = self.punch_reports_tx.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            // Probe socket 0 last: on a sequential NAT its STUN mapping is
-            // where the peer's prediction of our next mappings starts.
-            let candidates = with_predictions(candidates, predictor, PREDICTION_WINDOW).await;
+            // Probe socket 0's STUN mapping is the NAT's latest: on a
+            // sequential NAT both the peer's prediction of our probe sockets
+            // and that of our QUIC socket start there (no second probe).
             let offered = coordinated::offer(stun, own, fallback).await;
+            let last = offered.as_ref().and_then(|(o, _)| o.public);
+            let candidates = match (predictor, last) {
+                (Some((_, stride)), Some(last)) => {
+                    predicted_first(candidates, last, stride, PREDICTION_WINDOW)
+                }
+                (Some(_), None) => with_predictions(candidates, predictor, PREDICTION_WINDOW).await,
+                (None, _) => candidates,
+            };
             let offer = offered.as_ref().map(|(_, o)| o.clone());
             match client
                 .request_punch(&peer.to_string(), candidates, offer)
@@ -1076,7 +1084,7 @@ const PREDICTION_WINDOW: usize = 8;
 /// `candidates` with, first, the public endpoints a sequential NAT will give
 /// our next new mappings (probed just now), when `predictor` says it is one.
 async fn with_predictions(
-    mut candidates: Vec<String>,
+    candidates: Vec<String>,
     predictor: Option<(SocketAddr, i32)>,
     window: usize,
 ) -> Vec<String> {
@@ -1084,27 +1092,29 @@ async fn with_predictions(
         return candidates;
     };
     match crate::nat_discovery::probe(stun).await {
-        Ok(Some(last)) => {
-            let predicted: Vec<String> =
-                crate::nat_discovery::predict(last, stride, window.min(24))
-                    .into_iter()
-                    .map(|a| {
-                        let ip = match a.ip() {
-                            std::net::IpAddr::V4(ip) => format!("/ip4/{ip}"),
-                            std::net::IpAddr::V6(ip) => format!("/ip6/{ip}"),
-                        };
-                        format!("{ip}/udp/{}/quic-v1", a.port())
-                    })
-                    .collect();
-            tracing::debug!(%last, stride, predicted = predicted.len(), "port prediction");
-            candidates.retain(|c| !predicted.contains(c));
-            let mut out = predicted;
-            out.extend(candidates);
-            out.truncate(32);
-            out
-        }
+        Ok(Some(last)) => predicted_first(candidates, last, stride, window),
         Ok(None) | Err(_) => candidates,
     }
+}
+
+/// `candidates` after the next `window` mappings of a sequential NAT whose
+/// last one (observed just now) is `last`.
+fn predicted_first(
+    mut candidates: Vec<String>,
+    last: SocketAddr,
+    stride: i32,
+    window: usize,
+) -> Vec<String> {
+    let predicted: Vec<String> = crate::nat_discovery::predict(last, stride, window.min(24))
+        .into_iter()
+        .map(|a| crate::relay::quic_addr(a).to_string())
+        .collect();
+    tracing::debug!(%last, stride, predicted = predicted.len(), "port prediction");
+    candidates.retain(|c| !predicted.contains(c));
+    let mut out = predicted;
+    out.extend(candidates);
+    out.truncate(32);
+    out
 }
 
 fn parse_addrs(list: &[String]) -> Vec<libp2p::Multiaddr> {
