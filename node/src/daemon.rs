@@ -729,50 +729,48 @@ impl Node {
             let answer = p
                 .peer_probe
                 .as_ref()
-                .map(|o| coordinated::answer(own.mapping, o));
-            if let (Some(answer), Some(peer_offer)) = (answer, p.peer_probe.clone()) {
-                if answer != coordinated::Answer::Quic {
-                    if let Some((opened, own_offer)) = coordinated::offer(stun, own, false).await {
-                        if answer == coordinated::Answer::Nothing {
-                            drop(opened);
-                            tracing::info!(%peer, punch = p.punch_id, "punch: no direct path can exist; not punching");
-                            let _ = reports
-                                .send(coordinated::Report::Probe {
-                                    peer,
-                                    packets: 0,
-                                    birthday_probes: 0,
-                                    sockets: 0,
-                                    result: coordinated::NO_DIRECT_PATH.into(),
-                                })
-                                .await;
-                            let _ = client
-                                .punch_ready(p.punch_id, candidates, Some(own_offer))
-                                .await;
-                            return;
-                        }
-                        tracing::info!(%peer, punch = p.punch_id, "punch: taking up probe sockets");
-                        let attempt = coordinated::Attempt {
-                            peer,
-                            role: Role::Responder,
-                            secret: p.probe_secret,
-                            own,
-                            opened,
-                            own_offer: own_offer.clone(),
-                            peer_offer,
-                        };
-                        let probing =
-                            tokio::spawn(coordinated::run(attempt, adopter, mesh, reports));
-                        if let Err(s) = client
-                            .punch_ready(p.punch_id, candidates, Some(own_offer))
-                            .await
-                        {
-                            tracing::debug!(%peer, code = ?s.code(), error = %s.message(), "punch ready refused");
-                            probing.abort();
-                        }
-                        return;
+                .map_or(coordinated::Answer::Quic, |o| {
+                    coordinated::answer(own.mapping, o)
+                });
+            let offered = match answer {
+                coordinated::Answer::Quic => None,
+                _ => coordinated::offer(stun, own, false).await,
+            };
+            // Without a probe socket (no STUN answer): from the QUIC socket.
+            if let (Some((opened, own_offer)), Some(peer_offer)) = (offered, p.peer_probe.clone()) {
+                let probing = if answer == coordinated::Answer::Probe {
+                    tracing::info!(%peer, punch = p.punch_id, "punch: taking up probe sockets");
+                    let attempt = coordinated::Attempt {
+                        peer,
+                        role: Role::Responder,
+                        secret: p.probe_secret,
+                        own,
+                        opened,
+                        own_offer: own_offer.clone(),
+                        peer_offer,
+                    };
+                    Some(tokio::spawn(coordinated::run(
+                        attempt, adopter, mesh, reports,
+                    )))
+                } else {
+                    // Our offer tells the caller too; nobody sends anything.
+                    drop(opened);
+                    tracing::info!(%peer, punch = p.punch_id, "punch: no direct path can exist; not punching");
+                    let _ = reports
+                        .send(coordinated::Report::no_direct_path(peer))
+                        .await;
+                    None
+                };
+                if let Err(s) = client
+                    .punch_ready(p.punch_id, candidates, Some(own_offer))
+                    .await
+                {
+                    tracing::debug!(%peer, code = ?s.code(), error = %s.message(), "punch ready refused");
+                    if let Some(probing) = probing {
+                        probing.abort();
                     }
-                    // No probe socket (no STUN answer): from the QUIC socket then.
                 }
+                return;
             }
             tracing::info!(%peer, punch = p.punch_id, candidates = addrs.len(), "punch: opening towards the caller");
             let _ = reports.send(coordinated::Report::Quic { peer }).await;

@@ -40,6 +40,19 @@ pub enum Report {
     },
 }
 
+impl Report {
+    /// An attempt that sent nothing because no direct path can exist.
+    pub fn no_direct_path(peer: PeerId) -> Self {
+        Report::Probe {
+            peer,
+            packets: 0,
+            birthday_probes: 0,
+            sockets: 0,
+            result: NO_DIRECT_PATH.into(),
+        }
+    }
+}
+
 /// This node's NAT as the punch needs it.
 #[derive(Clone, Copy, Debug)]
 pub struct Own {
@@ -149,7 +162,7 @@ pub async fn run(
     };
     let Some(ins) = plan::instruction(a.role, a.secret, Instant::now(), &own_offer, &peer_offer)
     else {
-        let _ = reports.send(report(0, 0, 0, NO_DIRECT_PATH.into())).await;
+        let _ = reports.send(Report::no_direct_path(peer)).await;
         return;
     };
     let cfg = Config {
