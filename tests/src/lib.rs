@@ -5,6 +5,7 @@
 //! directory; when a test fails (the harness is dropped while panicking) the
 //! tail of every log is printed, and every process is killed.
 
+pub mod hosting;
 pub mod meshlab;
 pub mod netlab;
 

@@ -3,52 +3,35 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use peermesh_tests::{free_port, wait_for, Bins};
+use peermesh_tests::hosting::HostingServer;
+use peermesh_tests::{wait_for, Bins};
 use serde_json::Value;
 
 /// A running `hosting-server serve` on loopback.
 pub struct Origin {
-    child: Child,
-    pub addr: SocketAddr,
-    pub log: PathBuf,
+    server: HostingServer,
 }
 
-impl Drop for Origin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Origin {
+    type Target = HostingServer;
+    fn deref(&self) -> &HostingServer {
+        &self.server
     }
 }
 
 impl Origin {
     pub fn start(content: &Path, log: PathBuf) -> Result<Self> {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new(&Bins::get().hosting_server)
-            .arg("serve")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--content")
-            .arg(content)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("spawning hosting-server")?;
-        let origin = Self { child, addr, log };
+        let origin = Self {
+            server: HostingServer::spawn(content, &[], log)?,
+        };
         wait_for(Duration::from_secs(60), "the origin to listen", || {
-            std::fs::read_to_string(&origin.log)
-                .ok()?
-                .contains("listening on")
-                .then_some(())
+            origin.log_text().contains("listening on").then_some(())
         })?;
         Ok(origin)
     }
@@ -87,28 +70,7 @@ impl Origin {
     }
 }
 
-/// A minimal HTTP/1.1 GET (Connection: close, Content-Length bodies).
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("no end of headers")?;
-    let head = String::from_utf8_lossy(&buf[..end]);
-    let code: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    Ok((code, buf[end + 4..].to_vec()))
-}
+pub use peermesh_tests::hosting::http_get;
 
 /// `size` pseudo-random bytes (xorshift; every chunk distinct).
 pub fn make_file(path: &Path, size: usize, seed: u64) -> Result<()> {

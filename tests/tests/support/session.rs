@@ -5,17 +5,16 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use peermesh_node::session::ops::SessionClient;
 use peermesh_node::session::state::SessionView;
-use peermesh_tests::{free_port, wait_for, Bins, Lab, Node, Relay};
+use peermesh_tests::hosting::{http_get, HostingServer};
+use peermesh_tests::{wait_for, Lab, Node, Relay};
 use serde_json::Value;
 
 /// Button bits of the game (see `peermesh_hosting_server::session::game::Buttons`).
@@ -26,17 +25,9 @@ pub const RIGHT: u8 = 8;
 
 /// A running `hosting-server serve` on loopback, with its session endpoint.
 pub struct SessionOrigin {
-    child: Child,
+    server: HostingServer,
     pub http: SocketAddr,
     pub udp: SocketAddr,
-    pub log: PathBuf,
-}
-
-impl Drop for SessionOrigin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl SessionOrigin {
@@ -45,65 +36,34 @@ impl SessionOrigin {
     pub fn start(dir: &Path, extra: &[&str]) -> Result<Self> {
         let content = dir.join("origin-content");
         std::fs::create_dir_all(&content)?;
-        let log = dir.join("hosting-server.log");
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new(&Bins::get().hosting_server)
-            .arg("serve")
-            .arg("--listen")
-            .arg(http.to_string())
-            .arg("--content")
-            .arg(&content)
-            .args(extra)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("spawning hosting-server")?;
-        let mut origin = Self {
-            child,
-            http,
-            udp: http,
-            log,
-        };
+        let server = HostingServer::spawn(&content, extra, dir.join("hosting-server.log"))?;
         let udp = wait_for(
             Duration::from_secs(60),
             "the origin's session endpoint",
             || {
-                let text = std::fs::read_to_string(&origin.log).ok()?;
+                let text = server.log_text();
                 let line = text
                     .lines()
                     .find(|l| l.starts_with("hosting-server sessions on udp "))?;
                 line.rsplit(' ').next()?.parse::<SocketAddr>().ok()
             },
         )?;
-        origin.udp = udp;
-        Ok(origin)
+        Ok(Self {
+            http: server.addr,
+            udp,
+            server,
+        })
     }
 
     /// `GET /sessions`.
     pub fn sessions(&self) -> Result<Value> {
-        let mut s = TcpStream::connect_timeout(&self.http, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            s,
-            "GET /sessions HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.http
-        )?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf)?;
-        let end = buf
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .context("no end of headers")?;
-        let head = String::from_utf8_lossy(&buf[..end]);
-        ensure!(head.starts_with("HTTP/1.1 200"), "GET /sessions: {head}");
-        Ok(serde_json::from_slice(&buf[end + 4..])?)
+        let (code, body) = http_get(self.http, "/sessions")?;
+        ensure!(code == 200, "GET /sessions: {code}");
+        Ok(serde_json::from_slice(&body)?)
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.server.log_text()
     }
 }
 
