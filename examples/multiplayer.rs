@@ -1,6 +1,6 @@
 //! A multiplayer game loop over peermesh: a control server, a relay, N nodes
 //! on loopback and a `hosting-server` origin that runs the authoritative
-//! game. Each player is a task that drives its node over the node's status
+//! game. Each player is a task that drives its node over the node's local API
 //! socket like a game process would: it joins the session, changes the
 //! buttons it holds at random, and reads the merged state.
 //!
@@ -17,8 +17,8 @@ mod support;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use peermesh_node::session::ops::SessionClient;
-use peermesh_node::session::state::SessionView;
+use peermesh_session::ops::SessionClient;
+use peermesh_session::state::SessionView;
 use support::{group, play, Game, Phase, SessionOrigin};
 
 fn arg(name: &str, default: f64) -> Result<f64> {

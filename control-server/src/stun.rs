@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use peermesh_proto::stun::{self, Message, Response};
+use peermesh_traversal::stun::{self, Message, Response};
 use tokio::net::UdpSocket;
 
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +134,7 @@ impl StunServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use peermesh_proto::stun::Request;
+    use peermesh_traversal::stun::Request;
     use std::time::Duration;
 
     async fn ask(

@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use peermesh_hosting_server::content::{parse_range, RangeAnswer};
-use peermesh_node::content::wire::{decode, Bits, Msg};
+use peermesh_content::wire::{decode, Bits, Msg};
 
 fuzz_target!(|data: &[u8]| {
     let b = Bytes::copy_from_slice(data);

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use peermesh_node::hole_punch::ProbeMessage;
+use peermesh_traversal::hole_punch::ProbeMessage;
 
 fuzz_target!(|data: &[u8]| {
     if let Some(m) = ProbeMessage::decode(data) {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use peermesh_node::path_switch::{decode, Config, PathId, PathKind, PathSwitch};
+use peermesh_traversal::path_switch::{decode, Config, PathId, PathKind, PathSwitch};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(frame) = decode(data) {

@@ -7,8 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use peermesh_hosting_server::session::wire::Packet;
-use peermesh_node::session::state::{ClientState, Route};
+use peermesh_session::wire::Packet;
+use peermesh_session::state::{ClientState, Route};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(p) = Packet::decode(data) {

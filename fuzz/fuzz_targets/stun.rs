@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use peermesh_proto::stun::{decode, Message};
+use peermesh_traversal::stun::{decode, Message};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(m) = decode(data) {

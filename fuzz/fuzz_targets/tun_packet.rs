@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use libfuzzer_sys::fuzz_target;
-use peermesh_node::tun::packet::parse;
+use peermesh_tun::packet::parse;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(h) = parse(data) {

@@ -19,15 +19,13 @@
 //! - `GET /stats`: what the origin has served ([`StatsSnapshot`]), so that a test or an
 //!   operator can see how much of a distribution the origin carried.
 //!
-//! Chunk size: 256 KiB. A 64 MiB file is 256 chunks, enough for 16 peers to each have distinct
-//! pieces to trade early on (rarest-first needs many more pieces than peers); a chunk is four
-//! 64 KiB mesh messages, a bad chunk costs only 256 KiB to fetch again, and the manifest of a
-//! 64 MiB file stays below 20 KB. Chunk files are read on demand; a file changed after the
-//! scan serves bytes that no longer match their hash, which every client detects (restart the
-//! server to republish).
+//! The manifest format (and the chunk size, [`CHUNK_SIZE`]) is `peermesh_content::manifest`,
+//! shared with the nodes that check what this server publishes. Chunk files are read on
+//! demand; a file changed after the scan serves bytes that no longer match their hash, which
+//! every client detects (restart the server to republish).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, SeekFrom};
+use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,28 +38,9 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-/// Bytes per chunk (the last chunk of a file may be shorter).
-pub const CHUNK_SIZE: u64 = 256 * 1024;
-
-/// Manifest format version.
-pub const MANIFEST_VERSION: u32 = 1;
-
-/// What a content id stands for. Clients parse it from JSON; the field order of the
-/// serialized form is fixed by this declaration.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub version: u32,
-    /// The file's path under the content directory, `/`-separated.
-    pub name: String,
-    pub size: u64,
-    pub chunk_size: u64,
-    /// Always `"blake3"`.
-    pub hash: String,
-    /// Hash of the whole file, hex.
-    pub file_hash: String,
-    /// Hash of every chunk in order, hex.
-    pub chunks: Vec<String>,
-}
+pub use peermesh_content::manifest::{
+    parse_hash, Hash32, Manifest, Published, CHUNK_SIZE, MANIFEST_VERSION,
+};
 
 /// Why the content directory could not be published.
 #[derive(Debug, thiserror::Error)]
@@ -78,15 +57,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ContentError + '_ {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// One published file.
-#[derive(Debug)]
-pub struct Item {
-    pub id: String,
-    pub manifest: Manifest,
-    /// The manifest's bytes as served (the id is their hash).
-    pub manifest_json: Vec<u8>,
 }
 
 #[derive(Clone, Debug)]
@@ -132,8 +102,9 @@ impl Stats {
 /// The published content of a directory.
 #[derive(Debug, Default)]
 pub struct ContentIndex {
-    items: BTreeMap<String, Item>,
-    chunks: HashMap<[u8; 32], ChunkLoc>,
+    /// By content id (hex).
+    items: BTreeMap<String, Published>,
+    chunks: HashMap<Hash32, ChunkLoc>,
     pub stats: Stats,
 }
 
@@ -146,37 +117,37 @@ impl ContentIndex {
         files.sort();
         let mut index = Self::default();
         for (name, path) in files {
-            let (manifest, locs) = chunk_file(&name, &path)?;
-            let manifest_json = serde_json::to_vec(&manifest).expect("manifests serialize");
-            let id = blake3::hash(&manifest_json).to_hex().to_string();
-            for (hash, loc) in locs {
-                index.chunks.entry(hash).or_insert(loc);
+            let file = std::fs::File::open(&path).map_err(io(&path))?;
+            let manifest = Manifest::from_reader(name, file).map_err(io(&path))?;
+            for (i, hash) in manifest.chunks.iter().enumerate() {
+                let i = i as u32;
+                index.chunks.entry(*hash).or_insert_with(|| ChunkLoc {
+                    path: path.clone(),
+                    offset: manifest.chunk_offset(i),
+                    len: u64::from(manifest.chunk_len(i)),
+                });
             }
-            tracing::info!(%id, name = %manifest.name, size = manifest.size,
-                           chunks = manifest.chunks.len(), "published");
-            index.items.insert(
-                id.clone(),
-                Item {
-                    id,
-                    manifest,
-                    manifest_json,
-                },
-            );
+            let item = Published::new(manifest);
+            let id = item.id_hex();
+            tracing::info!(%id, name = %item.name, size = item.size,
+                           chunks = item.chunks.len(), "published");
+            index.items.insert(id, item);
         }
         Ok(index)
     }
 
-    pub fn items(&self) -> impl Iterator<Item = &Item> {
+    pub fn items(&self) -> impl Iterator<Item = &Published> {
         self.items.values()
     }
 
-    pub fn get(&self, id: &str) -> Option<&Item> {
+    /// The item whose content id is `id` (64 lowercase hex digits).
+    pub fn get(&self, id: &str) -> Option<&Published> {
         self.items.get(id)
     }
 
     /// The item published from the file `name` (path under the content directory).
-    pub fn by_name(&self, name: &str) -> Option<&Item> {
-        self.items.values().find(|i| i.manifest.name == name)
+    pub fn by_name(&self, name: &str) -> Option<&Published> {
+        self.items.values().find(|i| i.name == name)
     }
 }
 
@@ -201,58 +172,6 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<(),
     Ok(())
 }
 
-/// A file's manifest and where each of its chunks lies.
-type Chunked = (Manifest, Vec<([u8; 32], ChunkLoc)>);
-
-fn chunk_file(name: &str, path: &Path) -> Result<Chunked, ContentError> {
-    let mut f = std::fs::File::open(path).map_err(io(path))?;
-    let mut whole = blake3::Hasher::new();
-    let mut chunks = Vec::new();
-    let mut locs = Vec::new();
-    let mut buf = vec![0u8; CHUNK_SIZE as usize];
-    let mut offset = 0u64;
-    loop {
-        let mut n = 0;
-        while n < buf.len() {
-            let r = f.read(&mut buf[n..]).map_err(io(path))?;
-            if r == 0 {
-                break;
-            }
-            n += r;
-        }
-        if n == 0 {
-            break;
-        }
-        whole.update(&buf[..n]);
-        let h = blake3::hash(&buf[..n]);
-        chunks.push(h.to_hex().to_string());
-        locs.push((
-            *h.as_bytes(),
-            ChunkLoc {
-                path: path.to_path_buf(),
-                offset,
-                len: n as u64,
-            },
-        ));
-        offset += n as u64;
-        if n < buf.len() {
-            break;
-        }
-    }
-    Ok((
-        Manifest {
-            version: MANIFEST_VERSION,
-            name: name.to_string(),
-            size: offset,
-            chunk_size: CHUNK_SIZE,
-            hash: "blake3".into(),
-            file_hash: whole.finalize().to_hex().to_string(),
-            chunks,
-        },
-        locs,
-    ))
-}
-
 /// The content routes over a scanned index.
 pub fn routes(index: Arc<ContentIndex>) -> Router {
     Router::new()
@@ -263,11 +182,11 @@ pub fn routes(index: Arc<ContentIndex>) -> Router {
         .with_state(index)
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+fn json_response(status: StatusCode, body: impl Into<Body>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body))
+        .body(body.into())
         .expect("valid response")
 }
 
@@ -280,7 +199,7 @@ fn status_only(status: StatusCode) -> Response<Body> {
 
 #[derive(Serialize)]
 struct Listed<'a> {
-    id: &'a str,
+    id: String,
     name: &'a str,
     size: u64,
     chunks: usize,
@@ -290,10 +209,10 @@ async fn list(State(index): State<Arc<ContentIndex>>) -> Response<Body> {
     let listed: Vec<Listed> = index
         .items()
         .map(|i| Listed {
-            id: &i.id,
-            name: &i.manifest.name,
-            size: i.manifest.size,
-            chunks: i.manifest.chunks.len(),
+            id: i.id_hex(),
+            name: &i.name,
+            size: i.size,
+            chunks: i.chunks.len(),
         })
         .collect();
     json_response(
@@ -325,10 +244,10 @@ async fn manifest(
         index
             .stats
             .manifest_bytes
-            .fetch_add(item.manifest_json.len() as u64, Ordering::Relaxed);
+            .fetch_add(item.json().len() as u64, Ordering::Relaxed);
     }
-    let mut res = json_response(StatusCode::OK, item.manifest_json.clone());
-    set_immutable(res.headers_mut(), &item.id);
+    let mut res = json_response(StatusCode::OK, item.json().clone());
+    set_immutable(res.headers_mut(), &id);
     res
 }
 
@@ -341,16 +260,6 @@ fn set_immutable(h: &mut HeaderMap, tag: &str) {
         header::CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=31536000, immutable"),
     );
-}
-
-/// A chunk hash from its 64 hex digits.
-pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(s, &mut out).ok()?;
-    Some(out)
 }
 
 /// One satisfiable byte range of a representation of `len` bytes, as `[start, end)`.
@@ -599,25 +508,20 @@ mod tests {
         std::fs::write(dir.path().join("empty"), b"").unwrap();
         let idx = ContentIndex::scan(dir.path()).unwrap();
         let item = idx.by_name("sub/a.bin").unwrap();
-        assert_eq!(item.manifest.size, data.len() as u64);
-        assert_eq!(item.manifest.chunks.len(), 3);
+        assert_eq!(item.size, data.len() as u64);
+        assert_eq!(item.chunks.len(), 3);
+        assert_eq!(item.file_hash, *blake3::hash(&data).as_bytes());
         assert_eq!(
-            item.manifest.file_hash,
-            blake3::hash(&data).to_hex().to_string()
+            item.chunks[2],
+            *blake3::hash(&data[2 * CHUNK_SIZE as usize..]).as_bytes()
         );
         assert_eq!(
-            item.manifest.chunks[2],
-            blake3::hash(&data[2 * CHUNK_SIZE as usize..])
-                .to_hex()
-                .to_string()
+            item.id_hex(),
+            blake3::hash(item.json()).to_hex().to_string()
         );
-        assert_eq!(
-            item.id,
-            blake3::hash(&item.manifest_json).to_hex().to_string()
-        );
-        let parsed: Manifest = serde_json::from_slice(&item.manifest_json).unwrap();
-        assert_eq!(&parsed, &item.manifest);
+        let parsed: Manifest = serde_json::from_slice(item.json()).unwrap();
+        assert_eq!(&parsed, item.manifest());
         let empty = idx.by_name("empty").unwrap();
-        assert!(empty.manifest.chunks.is_empty());
+        assert!(empty.chunks.is_empty());
     }
 }

@@ -1,10 +1,10 @@
 //! Multiplayer sessions hosted by the origin.
 //!
-//! - [`game`]: the deterministic game model, shared with the nodes (the node
-//!   crate depends on this library for it and for [`wire`]; the origin is the
-//!   authority of the game, so its crate owns the model, and the origin never
-//!   needs to know about the mesh).
-//! - [`wire`]: the binary packet format.
+//! - [`game`] and [`wire`]: the deterministic game model and the binary
+//!   packet format, shared with the nodes. Both live in `peermesh-session`,
+//!   which the origin depends on without its node side (its `node` feature
+//!   off), so the origin never links the mesh; the node does not depend on
+//!   the origin. Re-exported here under their old paths.
 //! - [`SessionServer`]: the authoritative side. Members join a session by
 //!   name over UDP (the first join creates it), send their inputs stamped with
 //!   the tick they are meant for, and receive a snapshot of the authoritative
@@ -28,14 +28,13 @@
 //! Members are not authenticated beyond the per-slot secret the origin hands
 //! out on join: a member declares its mesh peer id itself.
 
-pub mod game;
-pub mod wire;
+pub use peermesh_session::{game, wire};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::http::header;
 use axum::routing::get;
@@ -50,12 +49,9 @@ use wire::{Echo, Input, InputBatch, Packet, PlayerState, Refusal, Roster, Snapsh
 /// The path of the sessions view.
 pub const SESSIONS_PATH: &str = "/sessions";
 
-/// Microseconds since the Unix epoch: the timestamps of the protocol.
-pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
+/// Microseconds since the Unix epoch, the protocol's timestamps (from
+/// [`wire`], re-exported under its old path).
+pub use peermesh_session::wire::now_us;
 
 #[derive(Clone, Debug)]
 pub struct SessionConfig {

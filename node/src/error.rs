@@ -25,8 +25,8 @@ pub enum NodeError {
     AlreadyRunning(PathBuf),
     #[error("libp2p: {0}")]
     Swarm(String),
-    #[error("status socket: {0}")]
-    Status(String),
+    #[error("local API: {0}")]
+    LocalApi(String),
 }
 
 impl NodeError {

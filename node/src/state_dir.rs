@@ -4,14 +4,16 @@
 //! ```text
 //! <state>/identity.key   libp2p protobuf-encoded ed25519 keypair (0600)
 //! <state>/node.json      control URL, server id, node id, name, group
-//! <state>/meshnode.sock  status socket of the running node
+//! <state>/lock           held (flock) by the endpoint that uses the directory
+//! <state>/meshnode.sock  the local API socket of `meshnode up`
 //! ```
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use libp2p::identity::{Keypair, PeerId};
+use peermesh_relay::identity::{self, write_atomic, IdentityError};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{NodeError, Result};
@@ -31,23 +33,6 @@ pub struct StateDir {
     root: PathBuf,
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename) with `mode`.
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let io = NodeError::state(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(NodeError::state(&tmp))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(NodeError::state(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io)
-}
-
 impl StateDir {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
@@ -65,10 +50,6 @@ impl StateDir {
         self.root.join("meshnode.sock")
     }
 
-    fn key_path(&self) -> PathBuf {
-        self.root.join("identity.key")
-    }
-
     fn membership_path(&self) -> PathBuf {
         self.root.join("node.json")
     }
@@ -76,27 +57,34 @@ impl StateDir {
     /// The node's keypair, created on first use. The same key across runs is
     /// what makes the node the same member.
     pub fn identity(&self) -> Result<(Keypair, bool)> {
-        let path = self.key_path();
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let kp = Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
-                    NodeError::CorruptState {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                Ok((kp, false))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let kp = Keypair::generate_ed25519();
-                let bytes = kp
-                    .to_protobuf_encoding()
-                    .expect("ed25519 keys always encode");
-                write_atomic(&path, &bytes, 0o600)?;
-                Ok((kp, true))
-            }
-            Err(e) => Err(NodeError::state(path)(e)),
+        identity::load_or_create(&self.root).map_err(|e| match e {
+            IdentityError::Io { path, source } => NodeError::State { path, source },
+            IdentityError::Corrupt { path, reason } => NodeError::CorruptState { path, reason },
+        })
+    }
+
+    /// Takes the directory for this process: one endpoint per state
+    /// directory (two would be the same member twice, with one status
+    /// socket and one membership file between them). Released when the
+    /// returned lock is dropped or the process dies.
+    pub fn lock(&self) -> Result<StateLock> {
+        let path = self.root.join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(NodeError::state(&path))?;
+        // SAFETY: flock(2) on a file descriptor this function owns.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::EWOULDBLOCK) => NodeError::AlreadyRunning(self.root.clone()),
+                _ => NodeError::state(&path)(e),
+            });
         }
+        Ok(StateLock { _file: file })
     }
 
     pub fn membership(&self) -> Result<Option<Membership>> {
@@ -117,8 +105,15 @@ impl StateDir {
 
     pub fn save_membership(&self, m: &Membership) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(m).expect("membership serializes");
-        write_atomic(&self.membership_path(), &bytes, 0o600)
+        let path = self.membership_path();
+        write_atomic(&path, &bytes, 0o600).map_err(NodeError::state(path))
     }
+}
+
+/// The state directory's lock; see [`StateDir::lock`].
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
 }
 
 pub fn peer_id(kp: &Keypair) -> PeerId {
@@ -150,6 +145,16 @@ mod tests {
             std::fs::read(dir.path().join("identity.key")).unwrap(),
             b"garbage"
         );
+    }
+
+    #[test]
+    fn one_endpoint_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::open(dir.path()).unwrap();
+        let held = s.lock().unwrap();
+        assert!(matches!(s.lock(), Err(NodeError::AlreadyRunning(_))));
+        drop(held);
+        s.lock().unwrap();
     }
 
     #[test]

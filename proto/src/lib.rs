@@ -14,7 +14,8 @@ pub mod store {
     }
 }
 
+pub mod client;
+pub mod convert;
 pub mod signing;
-pub mod stun;
 
 pub use control::v1 as api;

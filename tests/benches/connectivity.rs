@@ -106,7 +106,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use peermesh_node::status::PunchStats;
+use peermesh_base::status::PunchStats;
 use peermesh_tests::meshlab::{
     forward_udp, udp_goodput, MeshLab, MeshNode, SinkResult, UdpGoodput,
 };
@@ -611,11 +611,11 @@ fn trial_body(
     }
     let arrival = inbox.wait_for(FIRST, SLOW)?;
     t.ttfb_ms = Some(ms_between(t0, arrival.at));
-    let direct = a.wait_path(&peer.id, "direct", UNIX_EPOCH, args.direct_timeout);
+    let direct = a.wait_path(peer.id, "direct", UNIX_EPOCH, args.direct_timeout);
     stop.store(true, Ordering::Relaxed);
     let seen = poller.join().ok().flatten();
     t.direct_status_ms = seen.map(|at| ms_between(t0, at));
-    let changes = a.path_changes(&peer.id);
+    let changes = a.path_changes(peer.id);
     t.path_changes = changes
         .iter()
         .map(|c| (ms_between(t0, c.at), c.path.clone()))
@@ -628,7 +628,7 @@ fn trial_body(
         t.direct_ms = Some(ms_between(t0, d.at));
         // The other side's switch, for the record (it is usually close).
         if let Some(id_a) = a.status().map(|s| s.id) {
-            if let Ok(db) = b.wait_path(&id_a, "direct", UNIX_EPOCH, Duration::from_secs(5)) {
+            if let Ok(db) = b.wait_path(id_a, "direct", UNIX_EPOCH, Duration::from_secs(5)) {
                 t.direct_b_ms = Some(ms_between(t0, db.at));
             }
         }
@@ -781,7 +781,7 @@ fn measure_body(
     let b = m.node_with("b", &sb.host, &tb, extra)?;
     let peer = a.wait_peer("b", SLOW, Duration::from_millis(20))?;
     b.wait_peer("a", SLOW, Duration::from_millis(20))?;
-    if a.wait_path(&peer.id, "direct", UNIX_EPOCH, args.direct_timeout)
+    if a.wait_path(peer.id, "direct", UNIX_EPOCH, args.direct_timeout)
         .is_ok()
     {
         r.went_direct = true;
@@ -793,14 +793,14 @@ fn measure_body(
         ensure!(
             a.path_to("b").as_deref() == Some("direct"),
             "a→b left the direct path during the direct run: {:?}",
-            a.path_changes(&peer.id)
+            a.path_changes(peer.id)
         );
         r.direct_mbit = Some(run.mbit_per_s);
         r.direct_run = Some(sink_json(&run, &probe));
         let cut_at = SystemTime::now();
         m.cut(sa, sb.public_ip())?;
         let relay = a
-            .wait_path(&peer.id, "relay", cut_at, TO_RELAY)
+            .wait_path(peer.id, "relay", cut_at, TO_RELAY)
             .context("the fall-back to the relay after the cut")?;
         r.cut_to_relay_ms = Some(ms_between(cut_at, relay.at));
     } else {
@@ -816,7 +816,7 @@ fn measure_body(
     ensure!(
         a.path_to("b").as_deref() == Some("relay"),
         "a→b left the relay during the relay run: {:?}",
-        a.path_changes(&peer.id)
+        a.path_changes(peer.id)
     );
     r.relay_mbit = Some(run.mbit_per_s);
     r.relay_run = Some(sink_json(&run, &probe));

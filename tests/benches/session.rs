@@ -28,7 +28,7 @@ mod support;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use peermesh_node::session::state::SessionView;
+use peermesh_session::state::SessionView;
 use serde_json::json;
 use support::{group, percentile_ms, play, Game, Phase, SessionOrigin};
 

@@ -56,7 +56,7 @@ struct Args {
 
 fn parse_args() -> Result<Args> {
     let mut a = Args {
-        mtus: vec![peermesh_node::tun::DEFAULT_MTU, 1500],
+        mtus: vec![peermesh_tun::DEFAULT_MTU, 1500],
         seconds: 3.0,
         rtt_samples: 500,
         json: Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -24,6 +24,8 @@ pub struct Bins {
     pub control_server: PathBuf,
     pub meshnode: PathBuf,
     pub hosting_server: PathBuf,
+    /// `examples/endpoint.rs`: an application that embeds an endpoint.
+    pub example_endpoint: PathBuf,
 }
 
 /// The target directory of the running executable (target/<profile>).
@@ -37,8 +39,8 @@ fn profile_dir() -> PathBuf {
 }
 
 impl Bins {
-    /// Builds `control-server`, `meshnode` and `hosting-server` in the profile of the running
-    /// test (a no-op when they are fresh) and returns their paths.
+    /// Builds `control-server`, `meshnode`, `hosting-server` and the examples in the profile
+    /// of the running test (a no-op when they are fresh) and returns their paths.
     pub fn get() -> &'static Bins {
         static BINS: OnceLock<Bins> = OnceLock::new();
         BINS.get_or_init(|| {
@@ -53,11 +55,13 @@ impl Bins {
                 "build",
                 "--quiet",
                 "-p",
-                "peermesh-node",
+                "peermesh-meshnode",
                 "-p",
                 "peermesh-control-server",
                 "-p",
                 "peermesh-hosting-server",
+                "-p",
+                "peermesh-examples",
                 "--bins",
             ]);
             if release {
@@ -69,6 +73,7 @@ impl Bins {
                 control_server: dir.join("control-server"),
                 meshnode: dir.join("meshnode"),
                 hosting_server: dir.join("hosting-server"),
+                example_endpoint: dir.join("endpoint"),
             }
         })
     }
@@ -252,6 +257,19 @@ impl Relay {
     }
 }
 
+/// A process started with [`Lab::spawn`]; killed when dropped.
+pub struct Process {
+    _proc: Proc,
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Its output so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
 /// A running `meshnode up`.
 pub struct Node {
     proc: Option<Proc>,
@@ -291,6 +309,11 @@ impl Node {
             .collect();
         names.sort();
         Some(names)
+    }
+
+    /// The node's events so far (its local API keeps the recent ones).
+    pub fn events(&self) -> Vec<peermesh_base::event::Event> {
+        meshlab::events_at(&peermesh_node::local_api::socket_path(&self.state))
     }
 
     /// The path of the link to the peer named `name`, if listed.
@@ -421,6 +444,21 @@ impl Lab {
             state,
             log,
         })
+    }
+
+    /// Runs any program (an application under test) as a process of the lab:
+    /// its output in `<name>.log`, killed when the returned handle drops.
+    pub fn spawn(&mut self, name: &str, cmd: Command) -> Result<Process> {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let proc = Proc::spawn(name, cmd, log.clone())?;
+        self.logs.push((name.to_string(), log.clone()));
+        Ok(Process { _proc: proc, log })
+    }
+
+    /// Where a node named `name` keeps its state (an embedding application
+    /// may use it too).
+    pub fn state_dir(&self, name: &str) -> PathBuf {
+        self.node_state(name)
     }
 
     /// Starts `meshnode relay` on a free loopback UDP port and waits until it

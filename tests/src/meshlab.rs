@@ -1,8 +1,9 @@
 //! The peermesh processes inside a [`netlab`](crate::netlab) NAT lab: a
 //! control server and a relay on a public host, one `meshnode up` per site
 //! host, and helpers to drive and observe them (status, send, recv with
-//! arrival timestamps, ping, blast/sink throughput, the nodes' "link path"
-//! log lines, raw UDP goodput between two lab namespaces).
+//! arrival timestamps, ping, blast/sink throughput, the nodes' events (path
+//! changes and the like, read from their local API), raw UDP goodput between
+//! two lab namespaces).
 //!
 //! Every process writes to a log file in the [`MeshLab`]'s temporary
 //! directory. Dropping the `MeshLab` kills every process it started (the
@@ -32,7 +33,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use peermesh_node::status::{NodeStatus, PeerStatus, Received};
+use peermesh_base::event::{Event, EventKind};
+use peermesh_base::path_name;
+use peermesh_base::status::{NodeStatus, PeerStatus};
+use peermesh_meshnode::api::Received;
 
 use crate::netlab::{Lab, NatKind, Ns, PublicHost, Site, SiteOpts};
 use crate::Bins;
@@ -50,8 +54,8 @@ pub const GROUP: &str = "g";
 const STARTUP: Duration = Duration::from_secs(30);
 /// Bound for one admin command.
 const ADMIN: Duration = Duration::from_secs(20);
-/// The nodes' log filter: info is enough for the "link path" lines and
-/// keeps logging from competing with the data plane for CPU.
+/// The nodes' log filter: info keeps the logs useful for a failed test's
+/// dump without logging competing with the data plane for CPU.
 pub const DEFAULT_RUST_LOG: &str = "info,h2=warn,tower=warn,hyper=warn";
 
 /// Makes `cmd`'s process die (SIGKILL) when the thread that spawns it ends.
@@ -156,22 +160,10 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// Parses the RFC 3339 timestamp at the start of a log line
-/// (`2026-01-01T10:00:00.123456Z  INFO …`).
-pub fn log_time(line: &str) -> Option<SystemTime> {
-    let ts = line.split_whitespace().next()?;
-    // The nodes log UTC (`…Z`).
-    if !ts.ends_with('Z') {
-        return None;
-    }
-    humantime::parse_rfc3339_weak(ts).ok()
-}
-
-/// A `link path` line of a node's log: the daemon logs one each time the
-/// path of a link changes.
+/// A change of a link's active path, from a node's events.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PathChange {
-    /// The log line's timestamp.
+    /// When the node made the change.
     pub at: SystemTime,
     /// The peer's id.
     pub peer: String,
@@ -179,18 +171,33 @@ pub struct PathChange {
     pub path: String,
 }
 
-/// Parses `… link path peer=ID path="direct" …`.
-fn parse_path_change(line: &str) -> Option<PathChange> {
-    if !line.contains(" link path ") {
-        return None;
+impl PathChange {
+    /// The path change an event is, if it is one.
+    pub fn of(e: &Event) -> Option<Self> {
+        match &e.kind {
+            EventKind::PathChanged { peer, path, .. } => Some(Self {
+                at: e.at(),
+                peer: peer.to_string(),
+                path: path_name(*path).to_string(),
+            }),
+            _ => None,
+        }
     }
-    let at = log_time(line)?;
-    let peer = line.split_once(" peer=")?.1.split_whitespace().next()?;
-    let path = line.split_once(" path=\"")?.1.split('"').next()?;
-    Some(PathChange {
-        at,
-        peer: peer.to_string(),
-        path: path.to_string(),
+}
+
+/// The events the node behind `socket` keeps (the recent past), read
+/// in-process from its local API; empty while it does not answer (within
+/// 2 s).
+pub fn events_at(socket: &Path) -> Vec<Event> {
+    runtime().block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            peermesh_meshnode::api::recent_events(socket),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default()
     })
 }
 
@@ -241,7 +248,7 @@ impl MeshNode {
         runtime().block_on(async {
             tokio::time::timeout(
                 Duration::from_secs(2),
-                peermesh_node::status::query(&socket),
+                peermesh_meshnode::api::query(&socket),
             )
             .await
             .ok()?
@@ -259,7 +266,7 @@ impl MeshNode {
 
     /// The path of the link to `peer`, if listed.
     pub fn path_to(&self, peer: &str) -> Option<String> {
-        self.peer(peer).map(|p| p.path.as_str().to_string())
+        self.peer(peer).map(|p| path_name(p.path).to_string())
     }
 
     /// Waits (polling every `every`) until this node lists `peer`; returns
@@ -321,47 +328,45 @@ impl MeshNode {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The log lines that contain any of `needles`.
-    pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
-        self.log()
-            .lines()
-            .filter(|l| needles.iter().any(|n| l.contains(n)))
-            .map(String::from)
-            .collect()
+    /// The node's events so far (its local API keeps the recent ones).
+    pub fn events(&self) -> Vec<Event> {
+        events_at(&self.socket())
     }
 
-    /// Every `link path` change logged so far for the peer with id
+    /// Every change of the active path of the link to the peer with id
     /// `peer_id`, in order.
-    pub fn path_changes(&self, peer_id: &str) -> Vec<PathChange> {
-        self.log()
-            .lines()
-            .filter_map(parse_path_change)
+    pub fn path_changes(&self, peer_id: impl std::fmt::Display) -> Vec<PathChange> {
+        let peer_id = peer_id.to_string();
+        self.events()
+            .iter()
+            .filter_map(PathChange::of)
             .filter(|c| c.peer == peer_id)
             .collect()
     }
 
-    /// The first logged change of the link to `peer_id` to `path`.
-    pub fn first_path(&self, peer_id: &str, path: &str) -> Option<PathChange> {
+    /// The first change of the link to `peer_id` to `path`.
+    pub fn first_path(&self, peer_id: impl std::fmt::Display, path: &str) -> Option<PathChange> {
         self.path_changes(peer_id)
             .into_iter()
             .find(|c| c.path == path)
     }
 
-    /// Waits (reading the log every 10 ms) until the link to `peer_id` is
-    /// logged on `path`, a change at or after `since`; returns it.
+    /// Waits (reading the events every 10 ms) until the link to `peer_id`
+    /// moved to `path`, a change at or after `since`; returns it.
     pub fn wait_path(
         &self,
-        peer_id: &str,
+        peer_id: impl std::fmt::Display,
         path: &str,
         since: SystemTime,
         timeout: Duration,
     ) -> Result<PathChange> {
+        let peer_id = peer_id.to_string();
         poll(
             timeout,
             Duration::from_millis(10),
             &format!("{}: the link to {peer_id} on {path}", self.name),
             || {
-                self.path_changes(peer_id)
+                self.path_changes(&peer_id)
                     .into_iter()
                     .find(|c| c.path == path && c.at >= since)
             },
@@ -1014,17 +1019,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_link_path_lines() {
-        let line = "2026-11-22T07:28:00.123456Z  INFO link path peer=12D3KooWabc \
-                    path=\"direct\" rtt_ms=Some(0.41)";
-        let c = parse_path_change(line).expect("a link path line");
-        assert_eq!(c.peer, "12D3KooWabc");
+    fn path_changes_come_from_path_changed_events() {
+        let peer: peermesh_base::NodeId = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
+            .parse()
+            .unwrap();
+        let e = Event {
+            at_us: 1_795_332_480_123_456,
+            kind: EventKind::PathChanged {
+                peer,
+                path: Some(peermesh_base::PathKind::Direct),
+                via: None,
+                rtt_ms: Some(0.41),
+            },
+        };
+        let c = PathChange::of(&e).expect("a path change");
+        assert_eq!(c.peer, peer.to_string());
         assert_eq!(c.path, "direct");
         let secs =
             c.at.duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap()
                 .as_secs_f64();
         assert!((secs - 1_795_332_480.123456).abs() < 1e-5, "{secs}");
-        assert!(parse_path_change("2026-11-22T07:28:00Z  INFO path up peer=x").is_none());
+        let up = Event {
+            at_us: 1,
+            kind: EventKind::PathUp {
+                peer,
+                kind: peermesh_base::PathKind::Relay,
+            },
+        };
+        assert!(PathChange::of(&up).is_none());
     }
 }

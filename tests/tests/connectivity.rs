@@ -7,6 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
+use peermesh_base::event::{Event, EventKind, PunchMethod, PunchRole};
+use peermesh_base::PathKind;
 use peermesh_tests::{wait_for, Lab};
 
 const SLOW: Duration = Duration::from_secs(30);
@@ -64,13 +66,16 @@ fn relay_first_then_direct_exactly_once_and_relay_loss() -> Result<()> {
         (b.path_to("a")? == "direct").then_some(())
     })?;
     // The relay carried the link before the direct path existed.
-    let log = a.log();
-    let relay_up = log.find("path up").expect("a path came up");
-    assert!(
-        log[relay_up..].lines().next().unwrap().contains("Relay"),
-        "{log}"
-    );
-    assert!(log.contains("Direct"), "{log}");
+    let events = a.events();
+    let ups: Vec<PathKind> = events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::PathUp { kind, .. } => Some(kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ups.first(), Some(&PathKind::Relay), "{events:?}");
+    assert!(ups.contains(&PathKind::Direct), "{events:?}");
 
     // The relay dies; the direct path carries on without loss.
     relay.kill9();
@@ -142,16 +147,18 @@ fn punching_coordinated_by_the_control_server_alone_reaches_direct() -> Result<(
     let _ = recv.kill();
     let _ = recv.wait();
     // One side asked, the other opened first, as the server told it.
-    let (la, lb) = (a.log(), b.log());
-    let caller = [
-        "punch: peer is open; dialing",
-        "punch: opening towards the caller",
-    ];
-    let roles = |log: &str| caller.map(|needle| log.contains(needle));
+    let (ea, eb) = (a.events(), b.events());
+    let roles = |events: &[Event]| {
+        [PunchRole::Caller, PunchRole::Callee].map(|want| {
+            events.iter().any(|e| {
+                matches!(e.kind, EventKind::Punch { role, method: PunchMethod::Quic, .. } if role == want)
+            })
+        })
+    };
     assert!(
-        roles(&la) == [true, false] && roles(&lb) == [false, true]
-            || roles(&la) == [false, true] && roles(&lb) == [true, false],
-        "expected one caller and one callee:\n--- a\n{la}\n--- b\n{lb}"
+        roles(&ea) == [true, false] && roles(&eb) == [false, true]
+            || roles(&ea) == [false, true] && roles(&eb) == [true, false],
+        "expected one caller and one callee:\n--- a\n{ea:?}\n--- b\n{eb:?}"
     );
     Ok(())
 }

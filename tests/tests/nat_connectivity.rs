@@ -28,8 +28,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
-use peermesh_node::status::PunchStats;
-use peermesh_tests::meshlab::{log_time, poll, Inbox, MeshLab, MeshNode, RELAY_PORT};
+use peermesh_base::event::EventKind;
+use peermesh_base::status::PunchStats;
+use peermesh_base::PathKind;
+use peermesh_tests::meshlab::{poll, Inbox, MeshLab, MeshNode, RELAY_PORT};
 use peermesh_tests::netlab::{lab_or_skip, Lab, NatKind, Site, SiteOpts};
 use peermesh_tests::wait_for;
 
@@ -186,14 +188,17 @@ fn start_pair_opts(
 /// did not wait for a punched path).
 fn check_relay_first(p: &Pair) -> Result<()> {
     for n in [&p.a, &p.b] {
-        let log = n.log();
-        let first = log
-            .lines()
-            .find(|l| l.contains("path up"))
+        let events = n.events();
+        let first = events
+            .iter()
+            .find_map(|e| match &e.kind {
+                EventKind::PathUp { kind, .. } => Some(*kind),
+                _ => None,
+            })
             .with_context(|| format!("{}: no path came up", n.name))?;
         ensure!(
-            first.contains("Relay"),
-            "{}: the first path was not the relay: {first}",
+            first == PathKind::Relay,
+            "{}: the first path was not the relay: {first:?}",
             n.name
         );
     }
@@ -805,8 +810,15 @@ fn a_cut_direct_path_falls_back_to_the_relay_exactly_once() {
             (p.inbox.count() >= want.len()).then_some(())
         });
         for n in [&p.a, &p.b] {
-            for l in n.log_lines(&["path up", "path down", "active path"]) {
-                eprintln!("{test}: {}: {l}", n.name);
+            for e in n.events() {
+                if matches!(
+                    e.kind,
+                    EventKind::PathUp { .. }
+                        | EventKind::PathDown { .. }
+                        | EventKind::PathChanged { .. }
+                ) {
+                    eprintln!("{test}: {}: {e:?}", n.name);
+                }
             }
         }
         delivered?;
@@ -841,7 +853,10 @@ fn the_home_relay_dies_and_the_stream_moves_to_another_relay() {
         m.start_relay("relay2", RELAY_PORT + 1)?;
         for n in [&p.a, &p.b] {
             poll(SLOW, Duration::from_millis(20), "both relays known", || {
-                (!n.log_lines(&["relay directory relays=2"]).is_empty()).then_some(())
+                n.events()
+                    .iter()
+                    .any(|e| matches!(e.kind, EventKind::RelayDirectory { relays: 2 }))
+                    .then_some(())
             })?;
         }
         // Time to connect to it and measure its RTT.
@@ -858,10 +873,15 @@ fn the_home_relay_dies_and_the_stream_moves_to_another_relay() {
         // Both move their home to relay2 and the stream flows again.
         let mut moved = Vec::new();
         for n in [&p.a, &p.b] {
-            let line = poll(SLOW, Duration::from_millis(20), "a new home relay", || {
-                n.log_lines(&["home relay chosen"]).get(1).cloned()
+            // The second home relay with a reservation: the first one after
+            // the kill.
+            let at = poll(SLOW, Duration::from_millis(20), "a new home relay", || {
+                n.events()
+                    .iter()
+                    .filter(|e| matches!(e.kind, EventKind::HomeRelay { relay: Some(_) }))
+                    .nth(1)
+                    .map(|e| e.at())
             })?;
-            let at = log_time(&line).context("log time")?;
             moved.push(at.duration_since(killed_at).unwrap_or_default());
         }
         let at_kill = p.inbox.count();
@@ -1018,7 +1038,7 @@ fn each_node_discovers_its_nat_behaviour() {
                 nat.describe()
             );
             if let (Some(mapping), Some(filtering)) = (mapping, filtering) {
-                let report = nat.to_proto();
+                let report = peermesh_proto::api::NatReport::from(&nat);
                 ensure!(
                     report.mapping == *mapping,
                     "{name}: mapping {:?}",

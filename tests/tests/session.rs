@@ -1,6 +1,6 @@
 //! Multiplayer sessions with real processes: a control server, a relay, four
 //! `meshnode up`, and a `hosting-server` origin running the authoritative
-//! game. Each player drives its node over the status socket; inputs travel
+//! game. Each player drives its node over its local API; inputs travel
 //! between the nodes over the mesh and to the origin.
 //!
 //! Checks: inputs reach every other player peer-to-peer (over the mesh, from
@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use peermesh_node::session::state::SessionView;
+use peermesh_session::state::SessionView;
 use peermesh_tests::meshlab::MeshLab;
 use peermesh_tests::netlab::{lab_or_skip, NatKind, SiteOpts};
 use serde_json::Value;

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
-use peermesh_node::tun::TunStatus;
+use peermesh_base::status::TunStatus;
 use peermesh_tests::meshlab::{poll, run_ok, MeshLab, MeshNode};
 use peermesh_tests::netlab::{lab_or_skip, NatKind, Ns, SiteOpts};
 
@@ -110,7 +110,7 @@ fn body(m: &mut MeshLab) -> Result<()> {
         "a's addresses differ between a and b"
     );
     eprintln!("a = {a4} {a6}, b = {b4} {b6}");
-    let b_id = a.peer("b").context("b listed")?.id;
+    let b_id = a.peer("b").context("b listed")?.id.to_string();
     poll(
         SLOW,
         Duration::from_millis(20),

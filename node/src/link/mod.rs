@@ -1,24 +1,34 @@
 //! One isolated worker per peer link (seed 004): it owns the link's
-//! [`PathSwitch`], one stream per libp2p connection to the peer (relayed or
-//! direct), and bounded queues, so a failing or flooding peer stalls only its
-//! own worker.
+//! [`PathSwitch`] and [`LinkPolicy`], one stream per libp2p connection to
+//! the peer (relayed, forwarded or direct), and bounded queues, so a
+//! failing or flooding peer stalls only its own worker.
 //!
 //! Each stream is a path. Frames are length-prefixed on the stream; the path
 //! switch numbers, acknowledges and, on a path change, resends messages, so
-//! the application sees one exactly-once, in-order stream.
+//! the application sees one exactly-once, in-order stream. When to dial,
+//! punch and go through a forwarder is the sans-IO link policy's call; the
+//! worker carries its actions out and sleeps until its next timeout.
+//!
+//! The worker is generic over the stream type so that its tests can run two
+//! workers against each other over in-memory pipes (`tests.rs`).
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{AsyncReadExt, AsyncWriteExt};
-use libp2p::swarm::{ConnectionId, Stream};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId};
+use peermesh_base::{NodeId, PathKind};
+use peermesh_traversal::link_policy::{self, Action, LinkPolicy, PolicyConfig};
+use peermesh_traversal::path_switch::{self, PathId, PathSwitch};
 use tokio::sync::mpsc;
 
-use crate::mesh::channel::{Sinks, Undelivered};
-use crate::path_switch::{self, PathId, PathSwitch};
-use crate::status::PathKind;
+use crate::protocol::{Dispatch, Undelivered, MAX_LINK_MESSAGE};
 use crate::swarm::Command as SwarmCommand;
 
 /// Largest frame accepted on a stream (a full message plus headers).
@@ -29,24 +39,18 @@ const WRITER_QUEUE: usize = 256;
 const WRITE_STALL: Duration = Duration::from_secs(3);
 /// Application messages held beyond the path switch's own window.
 const PENDING_LIMIT: usize = 1024;
-/// How often a link with no path asks the swarm to dial again.
-const REDIAL: Duration = Duration::from_millis(500);
-/// First wait before redialing after a failed dial; doubles per failure.
-const QUICK_REDIAL: Duration = Duration::from_millis(50);
-/// Quick redials before only the [`REDIAL`] tick is left.
-const QUICK_REDIALS: u32 = 3;
-/// Waits between coordinated punch attempts while no direct path exists:
-/// the first goes out as soon as the relayed path is up, later ones
-/// back off to this cap. The second attempt is the one that falls back to
-/// probe sockets when the QUIC socket's punch did not work (a router
-/// without WAN firewall), so it comes after half a second, not later.
-const PUNCH_BACKOFF_FIRST: Duration = Duration::from_millis(500);
-const PUNCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Inputs (swarm events, frames from the path readers) queued towards one
+/// worker, and application messages queued on its sending side.
+const INPUT_QUEUE: usize = 1024;
+const SEND_QUEUE: usize = 256;
 /// Pings (one every 500 ms) over which loss is reported: the last 10 s.
 const PING_WINDOW: usize = 20;
+/// Status changes other than a new path are reported at most this often
+/// (byte counters move with every frame).
+const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
-pub enum LinkInput {
+pub enum LinkInput<S> {
     /// Addresses to reach the peer at: circuits through relay servers, and
     /// circuits through members that forward (best forwarder first).
     Addresses {
@@ -55,7 +59,7 @@ pub enum LinkInput {
     },
     Connected {
         connection: ConnectionId,
-        kind: path_switch::PathKind,
+        kind: PathKind,
         /// The relay server or forwarding member of a relayed connection.
         via: Option<PeerId>,
     },
@@ -64,7 +68,7 @@ pub enum LinkInput {
     },
     Stream {
         connection: ConnectionId,
-        stream: Stream,
+        stream: S,
     },
     /// A ping's RTT on a connection, or `None`: it timed out.
     Rtt {
@@ -87,7 +91,8 @@ pub enum LinkInput {
 /// What a link reports to the node (status, control server).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LinkStatus {
-    pub path: PathKind,
+    /// The active path's kind; `None` while connecting.
+    pub path: Option<PathKind>,
     pub rtt_ms: Option<f64>,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -96,14 +101,14 @@ pub struct LinkStatus {
     pub via: Option<PeerId>,
     /// Fraction of the active connection's last pings that timed out (1 s).
     pub loss: f64,
-    /// Messages for a channel that no service on this node consumes.
+    /// Messages for a protocol that nothing on this node runs.
     pub undeliverable: u64,
 }
 
 impl Default for LinkStatus {
     fn default() -> Self {
         Self {
-            path: PathKind::Connecting,
+            path: None,
             rtt_ms: None,
             bytes_in: 0,
             bytes_out: 0,
@@ -120,15 +125,23 @@ pub enum LinkOutput {
     Status(PeerId, LinkStatus),
     /// No direct path: ask the control server to coordinate a punch.
     PunchWanted(PeerId),
+    /// A path came up or went down.
+    Path(PeerId, PathEvent),
 }
 
-pub struct LinkHandle {
-    pub input: mpsc::Sender<LinkInput>,
+#[derive(Clone, Debug, PartialEq)]
+pub enum PathEvent {
+    Up(PathKind),
+    Down(PathKind, String),
+}
+
+pub struct LinkHandle<S> {
+    pub input: mpsc::Sender<LinkInput<S>>,
     pub send: mpsc::Sender<Bytes>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for LinkHandle {
+impl<S> Drop for LinkHandle<S> {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -136,21 +149,33 @@ impl Drop for LinkHandle {
 
 struct PathEntry {
     connection: ConnectionId,
-    kind: path_switch::PathKind,
+    kind: PathKind,
     writer: mpsc::Sender<Bytes>,
 }
 
-struct Worker {
-    me: PeerId,
+/// What a stream must be to carry a path.
+pub trait PathStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> PathStream for T {}
+
+/// Everything a worker is started with.
+pub struct LinkConfig {
+    pub me: PeerId,
+    pub peer: PeerId,
+    /// Whether this link asks the control server for punches.
+    pub control_punch: bool,
+}
+
+struct Worker<S> {
     peer: PeerId,
+    /// The peer as applications see it (computed once, not per message).
+    peer_id: NodeId,
     switch: PathSwitch,
+    policy: LinkPolicy<Multiaddr>,
     swarm: mpsc::Sender<SwarmCommand>,
     out: mpsc::Sender<LinkOutput>,
-    sinks: Sinks,
-    inputs_tx: mpsc::Sender<LinkInput>,
-    addresses: Vec<Multiaddr>,
-    forwarded: Vec<Multiaddr>,
-    connections: HashMap<ConnectionId, (path_switch::PathKind, Option<PeerId>)>,
+    dispatch: Arc<Dispatch>,
+    inputs_tx: mpsc::Sender<LinkInput<S>>,
+    connections: HashMap<ConnectionId, (PathKind, Option<PeerId>)>,
     paths: HashMap<PathId, PathEntry>,
     rtts: HashMap<ConnectionId, Duration>,
     /// Outcomes of the last [`PING_WINDOW`] pings per connection.
@@ -159,44 +184,32 @@ struct Worker {
     pending: VecDeque<Bytes>,
     status: LinkStatus,
     last_status_sent: Option<(LinkStatus, Instant)>,
-    last_dial: Option<Instant>,
-    /// Whether this link asks the control server for punches.
-    control_punch: bool,
-    punch_attempts: u32,
-    next_punch: Option<Instant>,
-    forward_attempts: u32,
-    next_forward: Option<Instant>,
-    /// A redial sooner than the [`REDIAL`] tick after a failed dial, while
-    /// the link has no connection: the first byte should not wait 500 ms
-    /// because the relay learnt of the peer a moment after we did.
-    quick_redial: Option<Instant>,
-    quick_redials: u32,
+    /// Paths that came up or went down since the last report.
+    path_events: Vec<PathEvent>,
 }
 
-pub fn spawn(
-    me: PeerId,
-    peer: PeerId,
+pub fn spawn<S: PathStream>(
+    config: LinkConfig,
     swarm: mpsc::Sender<SwarmCommand>,
     out: mpsc::Sender<LinkOutput>,
-    sinks: Sinks,
-    control_punch: bool,
-) -> LinkHandle {
-    let (input_tx, input_rx) = mpsc::channel(1024);
-    let (send_tx, send_rx) = mpsc::channel(256);
+    dispatch: Arc<Dispatch>,
+) -> LinkHandle<S> {
+    let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
+    let (send_tx, send_rx) = mpsc::channel(SEND_QUEUE);
+    let leads = link_policy::leads(&config.me.to_bytes(), &config.peer.to_bytes());
     let worker = Worker {
-        me,
-        peer,
+        peer: config.peer,
+        peer_id: NodeId::from_bytes(&config.peer.to_bytes()).expect("a peer id is a node id"),
         switch: PathSwitch::new(path_switch::Config {
-            max_message_size: crate::mesh::channel::MAX_MESSAGE + 1,
+            max_message_size: MAX_LINK_MESSAGE,
             liveness: Some(path_switch::Liveness::default()),
             ..path_switch::Config::default()
         }),
+        policy: LinkPolicy::new(PolicyConfig::default(), leads, config.control_punch),
         swarm,
         out,
-        sinks,
+        dispatch,
         inputs_tx: input_tx.clone(),
-        addresses: Vec::new(),
-        forwarded: Vec::new(),
         connections: HashMap::new(),
         paths: HashMap::new(),
         rtts: HashMap::new(),
@@ -205,14 +218,7 @@ pub fn spawn(
         pending: VecDeque::new(),
         status: LinkStatus::default(),
         last_status_sent: None,
-        last_dial: None,
-        control_punch,
-        punch_attempts: 0,
-        next_punch: None,
-        forward_attempts: 0,
-        next_forward: None,
-        quick_redial: None,
-        quick_redials: 0,
+        path_events: Vec::new(),
     };
     let task = tokio::spawn(worker.run(input_rx, send_rx));
     LinkHandle {
@@ -222,50 +228,33 @@ pub fn spawn(
     }
 }
 
-fn has(
-    connections: &HashMap<ConnectionId, (path_switch::PathKind, Option<PeerId>)>,
-    kind: path_switch::PathKind,
-) -> bool {
-    connections.values().any(|(k, _)| *k == kind)
+/// The time, from tokio's clock: the same as the system's, except in tests
+/// that pause tokio's clock to run the worker on virtual time.
+fn clock() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
-impl Worker {
-    /// The side with the smaller id dials and opens streams, so two nodes
-    /// that learn of each other at once build one circuit, not two.
-    fn leads(&self) -> bool {
-        self.me.to_bytes() < self.peer.to_bytes()
+/// Sleeps until `t`, or forever.
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
+}
 
-    async fn run(mut self, mut inputs: mpsc::Receiver<LinkInput>, mut app: mpsc::Receiver<Bytes>) {
-        let mut redial = tokio::time::interval(REDIAL);
-        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+impl<S: PathStream> Worker<S> {
+    async fn run(
+        mut self,
+        mut inputs: mpsc::Receiver<LinkInput<S>>,
+        mut app: mpsc::Receiver<Bytes>,
+    ) {
         loop {
-            if !self.flush().await {
+            if !self.flush().await || !self.act().await {
                 return;
             }
-            let timeout = self.switch.poll_timeout();
-            let sleep = async {
-                match timeout {
-                    Some(t) => tokio::time::sleep_until(t.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let switch_timeout = self.switch.poll_timeout();
+            let policy_timeout = self.policy.poll_timeout();
             let accept_app = self.pending.len() < PENDING_LIMIT;
-            let quick = self.quick_redial;
-            let quick_redial = async {
-                match quick {
-                    Some(t) => tokio::time::sleep_until(t.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
-            // The next punch goes out when due, not at the next redial tick.
-            let punch_due = self.next_punch.filter(|_| self.wants_punch());
-            let punch_timer = async {
-                match punch_due {
-                    Some(t) => tokio::time::sleep_until(t.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 input = inputs.recv() => match input {
                     Some(i) => self.on_input(i).await,
@@ -274,132 +263,47 @@ impl Worker {
                 msg = app.recv(), if accept_app => match msg {
                     Some(m) => {
                         self.pending.push_back(m);
-                        if self.connections.is_empty() {
-                            self.maybe_dial().await;
-                        }
+                        // Every queued message while unconnected dials at
+                        // once: the first byte to a new peer waits for
+                        // nobody (seed 000).
+                        self.policy.set_waiting(true, clock());
                     }
                     None => return,
                 },
-                _ = sleep => self.switch.handle_timeout(Instant::now()),
-                _ = quick_redial => {
-                    self.quick_redial = None;
-                    self.maybe_dial().await;
-                }
-                _ = punch_timer => self.maybe_punch().await,
-                _ = redial.tick() => {
-                    self.maybe_dial().await;
-                    self.maybe_punch().await;
-                    self.maybe_forward().await;
-                }
+                _ = sleep_until(switch_timeout) => self.switch.handle_timeout(clock()),
+                _ = sleep_until(policy_timeout) => self.policy.handle_timeout(clock()),
             }
         }
     }
 
-    async fn maybe_dial(&mut self) {
-        if !self.connections.is_empty() || self.addresses.is_empty() {
-            return;
+    /// Carries out what the link policy asks for; false when the node is gone.
+    async fn act(&mut self) -> bool {
+        while let Some(a) = self.policy.poll_action() {
+            let peer = self.peer;
+            let cmd = match a {
+                Action::Dial(addrs) => SwarmCommand::Connect { peer, addrs },
+                Action::DialVia(addr) => {
+                    tracing::debug!(%peer, %addr, "dialing through a forwarding member");
+                    SwarmCommand::DialVia { peer, addr }
+                }
+                Action::RequestPunch => {
+                    tracing::debug!(%peer, attempt = self.policy.punch_attempts(), "asking for a coordinated punch");
+                    if self.out.send(LinkOutput::PunchWanted(peer)).await.is_err() {
+                        return false;
+                    }
+                    continue;
+                }
+            };
+            let _ = self.swarm.send(cmd).await;
         }
-        // The follower dials too when the leader has not for a while, and
-        // at once when it has something to send: the first byte to a new
-        // peer waits for nobody (seed 000).
-        let waiting = !self.pending.is_empty() || self.switch.unacked() > 0;
-        let patience = if self.leads() || waiting {
-            Duration::ZERO
-        } else {
-            REDIAL * 4
-        };
-        let now = Instant::now();
-        let first = *self.last_dial.get_or_insert(now);
-        if now.duration_since(first) < patience {
-            return;
-        }
-        let _ = self
-            .swarm
-            .send(SwarmCommand::Connect {
-                peer: self.peer,
-                addrs: self.addresses.clone(),
-            })
-            .await;
+        true
     }
 
-    /// The leader asks for a coordinated punch while the peer is reachable
-    /// through a relay but not directly; the follower is the callee.
-    /// Whether this side should be punching: it leads, and the peer is
-    /// reachable through a relay but not directly.
-    fn wants_punch(&self) -> bool {
-        let direct = has(&self.connections, path_switch::PathKind::Direct);
-        let relayed = !self.connections.is_empty() && !direct;
-        self.control_punch && self.leads() && relayed
-    }
-
-    async fn maybe_punch(&mut self) {
-        if !self.wants_punch() {
-            return;
-        }
-        let now = Instant::now();
-        if self.next_punch.is_some_and(|t| now < t) {
-            return;
-        }
-        let wait = PUNCH_BACKOFF_FIRST
-            .checked_mul(1 << self.punch_attempts.min(5))
-            .map_or(PUNCH_BACKOFF_MAX, |d| d.min(PUNCH_BACKOFF_MAX));
-        self.punch_attempts += 1;
-        self.next_punch = Some(now + wait);
-        tracing::debug!(peer = %self.peer, attempt = self.punch_attempts, "asking for a coordinated punch");
-        let _ = self.out.send(LinkOutput::PunchWanted(self.peer)).await;
-    }
-
-    /// With no direct path, go through the best member that forwards
-    /// (seed 004) rather than a relay server; either side may dial.
-    async fn maybe_forward(&mut self) {
-        use path_switch::PathKind::{Direct, Forwarded};
-        if self.forwarded.is_empty()
-            || has(&self.connections, Direct)
-            || has(&self.connections, Forwarded)
-        {
-            return;
-        }
-        let now = Instant::now();
-        if self.next_forward.is_some_and(|t| now < t) {
-            return;
-        }
-        let wait = Duration::from_secs(2)
-            .checked_mul(1 << self.forward_attempts.min(3))
-            .unwrap_or(Duration::from_secs(16));
-        self.forward_attempts += 1;
-        self.next_forward = Some(now + wait);
-        let addr = self.forwarded[0].clone();
-        tracing::debug!(peer = %self.peer, %addr, "dialing through a forwarding member");
-        let _ = self
-            .swarm
-            .send(SwarmCommand::DialVia {
-                peer: self.peer,
-                addr,
-            })
-            .await;
-    }
-
-    /// A direct path went away: the next punch goes out at once.
-    fn direct_lost(&mut self) {
-        self.punch_attempts = 0;
-        self.next_punch = None;
-    }
-
-    async fn on_input(&mut self, input: LinkInput) {
-        let now = Instant::now();
+    async fn on_input(&mut self, input: LinkInput<S>) {
+        let now = clock();
         match input {
             LinkInput::Addresses { relay, forwarded } => {
-                let changed = self.addresses != relay;
-                self.addresses = relay;
-                if self.forwarded.first() != forwarded.first() {
-                    self.forward_attempts = 0;
-                    self.next_forward = None;
-                }
-                self.forwarded = forwarded;
-                if changed {
-                    self.maybe_dial().await;
-                }
-                self.maybe_forward().await;
+                self.policy.set_addresses(relay, forwarded, now);
             }
             LinkInput::Connected {
                 connection,
@@ -408,9 +312,9 @@ impl Worker {
             } => {
                 tracing::debug!(peer = %self.peer, ?connection, ?kind, ?via, "connection up");
                 self.connections.insert(connection, (kind, via));
-                self.quick_redial = None;
-                self.quick_redials = 0;
-                if self.leads() {
+                self.policy.connected(kind, now);
+                // The leader opens the streams (one circuit, not two).
+                if self.policy.leads() {
                     let _ = self
                         .swarm
                         .send(SwarmCommand::OpenStream {
@@ -421,14 +325,7 @@ impl Worker {
                 }
             }
             LinkInput::Disconnected { connection } => {
-                match self.connections.remove(&connection) {
-                    Some((path_switch::PathKind::Direct, _)) => self.direct_lost(),
-                    Some((path_switch::PathKind::Forwarded, _)) => {
-                        self.forward_attempts = 0;
-                        self.next_forward = None;
-                    }
-                    _ => {}
-                }
+                self.remove_connection(connection, now);
                 self.rtts.remove(&connection);
                 self.pings.remove(&connection);
                 let dead: Vec<PathId> = self
@@ -447,13 +344,9 @@ impl Worker {
                 let kind = self
                     .connections
                     .get(&connection)
-                    .map_or(path_switch::PathKind::Relay, |(k, _)| *k);
+                    .map_or(PathKind::Relay, |(k, _)| *k);
                 self.add_path(connection, kind, stream, now);
-                // The punch is asked for once the relayed path carries the
-                // link, so that the relay is always the first path up.
-                if kind != path_switch::PathKind::Direct {
-                    self.maybe_punch().await;
-                }
+                self.policy.stream_up(kind, now);
             }
             LinkInput::Rtt { connection, rtt } => {
                 if let Some(rtt) = rtt {
@@ -473,26 +366,19 @@ impl Worker {
                 }
             }
             LinkInput::PathClosed { path, reason } => self.close_path(path, &reason, now),
-            LinkInput::DialFailed => {
-                // 50, 100, 200 ms; then the regular tick.
-                if self.connections.is_empty()
-                    && self.quick_redial.is_none()
-                    && self.quick_redials < QUICK_REDIALS
-                {
-                    self.quick_redial = Some(now + QUICK_REDIAL * (1 << self.quick_redials));
-                    self.quick_redials += 1;
-                }
-            }
+            LinkInput::DialFailed => self.policy.dial_failed(now),
         }
     }
 
-    fn add_path(
-        &mut self,
-        connection: ConnectionId,
-        kind: path_switch::PathKind,
-        stream: Stream,
-        now: Instant,
-    ) {
+    /// A connection is gone (closed, or its path found dead): the policy
+    /// learns it once.
+    fn remove_connection(&mut self, connection: ConnectionId, now: Instant) {
+        if let Some((kind, _)) = self.connections.remove(&connection) {
+            self.policy.disconnected(kind, now);
+        }
+    }
+
+    fn add_path(&mut self, connection: ConnectionId, kind: PathKind, stream: S, now: Instant) {
         let id = PathId(self.next_path);
         self.next_path += 1;
         let (mut rd, mut wr) = stream.split();
@@ -539,6 +425,7 @@ impl Worker {
             let _ = wr.close().await;
         });
         tracing::info!(peer = %self.peer, path = ?kind, "path up");
+        self.path_events.push(PathEvent::Up(kind));
         self.paths.insert(
             id,
             PathEntry {
@@ -553,13 +440,15 @@ impl Worker {
     fn close_path(&mut self, id: PathId, reason: &str, now: Instant) {
         if let Some(p) = self.paths.remove(&id) {
             tracing::info!(peer = %self.peer, path = ?p.kind, reason, "path down");
+            self.path_events
+                .push(PathEvent::Down(p.kind, reason.to_string()));
             self.switch.path_down(id, now);
         }
     }
 
     /// Moves messages and frames as far as they go; false when the node is gone.
     async fn flush(&mut self) -> bool {
-        let now = Instant::now();
+        let now = clock();
         while let Some(m) = self.pending.front() {
             match self.switch.send(m.clone()) {
                 Ok(()) => {
@@ -584,7 +473,7 @@ impl Worker {
             if ok {
                 self.status.bytes_out += len;
             } else {
-                self.close_path(t.path, "writer stalled or closed", Instant::now());
+                self.close_path(t.path, "writer stalled or closed", clock());
             }
         }
         while let Some(ev) = self.switch.poll_event() {
@@ -599,12 +488,9 @@ impl Worker {
                     // a fresh punch can replace it.
                     if let Some(p) = self.paths.remove(&id) {
                         tracing::warn!(peer = %self.peer, path = ?p.kind, "path silent; taken down");
-                        if matches!(
-                            self.connections.remove(&p.connection),
-                            Some((path_switch::PathKind::Direct, _))
-                        ) {
-                            self.direct_lost();
-                        }
+                        self.path_events
+                            .push(PathEvent::Down(p.kind, "silent despite probes".into()));
+                        self.remove_connection(p.connection, now);
                         let _ = self
                             .swarm
                             .send(SwarmCommand::CloseConnection(p.connection))
@@ -615,23 +501,26 @@ impl Worker {
             }
         }
         while let Some(m) = self.switch.poll_deliver() {
-            match self.sinks.deliver(self.peer, m).await {
+            match self.dispatch.deliver(self.peer_id, m).await {
                 Ok(()) => {}
                 Err(Undelivered::Malformed) => self.status.malformed += 1,
                 Err(Undelivered::NoConsumer) => self.status.undeliverable += 1,
             }
         }
+        if self.pending.is_empty() && self.switch.unacked() == 0 && self.policy.waiting() {
+            self.policy.set_waiting(false, now);
+        }
         self.report_status().await
     }
 
     async fn report_status(&mut self) -> bool {
+        for e in std::mem::take(&mut self.path_events) {
+            if self.out.send(LinkOutput::Path(self.peer, e)).await.is_err() {
+                return false;
+            }
+        }
         let active = self.switch.active_path().and_then(|id| self.paths.get(&id));
-        self.status.path = match active.map(|p| p.kind) {
-            Some(path_switch::PathKind::Direct) => PathKind::Direct,
-            Some(path_switch::PathKind::Relay) => PathKind::Relay,
-            Some(path_switch::PathKind::Forwarded) => PathKind::Forwarded,
-            None => PathKind::Connecting,
-        };
+        self.status.path = active.map(|p| p.kind);
         self.status.rtt_ms = active
             .and_then(|p| self.rtts.get(&p.connection))
             .map(|d| d.as_secs_f64() * 1e3);
@@ -644,12 +533,12 @@ impl Worker {
             .map_or(0.0, |log| {
                 log.iter().filter(|ok| !**ok).count() as f64 / log.len() as f64
             });
-        let now = Instant::now();
+        let now = clock();
         let due = match &self.last_status_sent {
             None => true,
             Some((s, at)) => {
                 s.path != self.status.path
-                    || (now.duration_since(*at) > Duration::from_millis(500) && *s != self.status)
+                    || (now.duration_since(*at) > STATUS_INTERVAL && *s != self.status)
             }
         };
         if due {

@@ -11,6 +11,8 @@
 pub mod forward;
 pub mod link_protocol;
 pub mod punched;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -27,7 +29,8 @@ use libp2p::{dcutr, identify, identity::Keypair, noise, ping, relay, yamux, Mult
 use tokio::sync::mpsc;
 
 use crate::error::{NodeError, Result};
-use crate::relay::{quic_addr, IDENTIFY_PROTOCOL};
+use peermesh_relay::config::per_peer_rates;
+use peermesh_relay::{quic_addr, IDENTIFY_PROTOCOL};
 
 /// A QUIC connection that has heard nothing from the other side for this
 /// long is closed, which takes its path down in the link worker so that the
@@ -44,6 +47,33 @@ const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// the next-best relay (seed 001), well inside the QUIC idle timeout.
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 const PING_TIMEOUT: Duration = Duration::from_millis(1000);
+/// A connection that carries nothing (no stream, no circuit) is closed after
+/// this long; links keep theirs busy with path-switch PINGs.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the home relay is chosen again if there is none (a relay came
+/// back, or a first RTT arrived), and a missing reservation is noticed.
+const HOME_RELAY_RECHECK: Duration = Duration::from_secs(1);
+/// A reservation at the home relay that has not come up this long after it
+/// was asked for is asked for again (the request or its answer was lost).
+const RESERVATION_PATIENCE: Duration = Duration::from_secs(3);
+/// Reservations members hold at this node (to be reached through it) last
+/// an hour; they end anyway with the member's direct connection.
+const FORWARD_RESERVATION_DURATION: Duration = Duration::from_secs(3600);
+/// A forwarded circuit carries a whole peer link while no direct path
+/// exists, so it may last a day.
+const FORWARD_CIRCUIT_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// Forwarding for members: reservations and circuits in all, per member,
+/// and new ones per member and minute. A member needs one reservation
+/// (two while it switches) and a circuit per peer it cannot reach
+/// directly, which is few.
+const FORWARD_MAX_RESERVATIONS: usize = 256;
+const FORWARD_RESERVATIONS_PER_MEMBER: usize = 2;
+const FORWARD_MAX_CIRCUITS: usize = 256;
+const FORWARD_CIRCUITS_PER_MEMBER: usize = 4;
+const FORWARD_NEW_PER_MINUTE: u32 = 30;
+/// Commands queued towards the swarm task, and its events towards the mesh.
+const COMMAND_QUEUE: usize = 256;
+const EVENT_QUEUE: usize = 1024;
 
 #[derive(NetworkBehaviour)]
 pub struct MeshBehaviour {
@@ -180,18 +210,19 @@ struct Task {
 /// reservations and circuits per member, at most 30 new ones a minute per
 /// member, and no byte cap (a circuit carries a whole link).
 fn forward_config() -> relay::Config {
-    crate::relay::per_peer_rates(
+    per_peer_rates(
         relay::Config {
-            max_reservations: 256,
-            max_reservations_per_peer: 2,
-            reservation_duration: Duration::from_secs(3600),
-            max_circuits: 256,
-            max_circuits_per_peer: 4,
-            max_circuit_duration: Duration::from_secs(24 * 3600),
+            max_reservations: FORWARD_MAX_RESERVATIONS,
+            max_reservations_per_peer: FORWARD_RESERVATIONS_PER_MEMBER,
+            reservation_duration: FORWARD_RESERVATION_DURATION,
+            max_circuits: FORWARD_MAX_CIRCUITS,
+            max_circuits_per_peer: FORWARD_CIRCUITS_PER_MEMBER,
+            max_circuit_duration: FORWARD_CIRCUIT_DURATION,
+            // 0: no byte cap (a circuit carries a whole link).
             max_circuit_bytes: 0,
             ..Default::default()
         },
-        30,
+        FORWARD_NEW_PER_MINUTE,
     )
 }
 
@@ -257,10 +288,10 @@ pub fn spawn(
             link: link_protocol::Behaviour::default(),
         })
         .map_err(|e| NodeError::Swarm(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build();
-    let (cmd_tx, cmd_rx) = mpsc::channel(256);
-    let (ev_tx, ev_rx) = mpsc::channel(1024);
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
     let mut task = Task {
         swarm,
         events: ev_tx,
@@ -295,7 +326,7 @@ async fn emit(events: &mpsc::Sender<Event>, ev: Event) {
 
 impl Task {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        let mut rechoose = tokio::time::interval(Duration::from_secs(1));
+        let mut rechoose = tokio::time::interval(HOME_RELAY_RECHECK);
         loop {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
@@ -304,7 +335,7 @@ impl Task {
                 },
                 ev = self.swarm.select_next_some() => self.on_swarm(ev).await,
                 _ = rechoose.tick() => {
-                    if self.reservation.is_none() && self.home_since.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
+                    if self.reservation.is_none() && self.home_since.is_some_and(|t| t.elapsed() > RESERVATION_PATIENCE) {
                         tracing::warn!(relay = ?self.home, "no reservation yet; asking again");
                         self.home = None;
                     }

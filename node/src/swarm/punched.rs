@@ -4,7 +4,7 @@
 //! time, at normal TTL. The hard cases (seed 002's low-TTL opening packets
 //! on routers without WAN firewall, seed 003's birthday search across many
 //! sockets) need sockets the node controls; the hole puncher
-//! ([`crate::hole_punch::driver`]) runs them, and the one that got through
+//! ([`crate::punch::driver`]) runs them, and the one that got through
 //! is *adopted* here: its port is bound again by a libp2p-quic transport of
 //! its own (the NAT mapping belongs to the 5-tuple in the kernel's
 //! conntrack, not to the socket, so it survives the rebind). A dial to that
@@ -113,7 +113,7 @@ impl PunchedQuic {
         let mut transport = quic::tokio::Transport::new(self.config.clone());
         let local = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
         transport
-            .listen_on(ListenerId::next(), crate::relay::quic_addr(local))
+            .listen_on(ListenerId::next(), peermesh_relay::quic_addr(local))
             .map_err(|e| format!("binding punched port {port} again: {e}"))?;
         tracing::debug!(%peer, %remote, port, "punched socket adopted for QUIC");
         self.adopted.push_back(Adopted {

@@ -1,7 +1,7 @@
 //! Shared by `tests/session.rs`, `benches/session.rs` and the multiplayer
 //! example: the origin (`hosting-server`) with its session endpoint as a
 //! process on loopback, a group of nodes with links up, and players that
-//! drive their node's session over its status socket.
+//! drive their node's session over its local API.
 
 #![allow(dead_code)]
 
@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
-use peermesh_node::session::ops::SessionClient;
-use peermesh_node::session::state::SessionView;
+use peermesh_session::ops::SessionClient;
+use peermesh_session::state::SessionView;
 use peermesh_tests::hosting::{http_get, HostingServer};
 use peermesh_tests::{wait_for, Lab, Node, Relay};
 use serde_json::Value;
 
-/// Button bits of the game (see `peermesh_hosting_server::session::game::Buttons`).
+/// Button bits of the game (see `peermesh_session::game::Buttons`).
 pub const UP: u8 = 1;
 pub const DOWN: u8 = 2;
 pub const LEFT: u8 = 4;
@@ -174,7 +174,7 @@ impl Game {
 }
 
 /// A player: joins the game's session on the origin through the node whose
-/// status socket is `socket`, waits until all players are in the roster,
+/// local API socket is `socket`, waits until all players are in the roster,
 /// plays the phases (in step with the other players: every phase starts
 /// after all finished the previous one) and returns its node's view at the
 /// end of each phase.
@@ -232,7 +232,7 @@ pub async fn play(
 /// Nearest-rank percentile of µs samples, in ms.
 pub fn percentile_ms(samples: &mut [u32], q: f64) -> Option<f64> {
     samples.sort_unstable();
-    peermesh_node::session::state::percentile(samples, q)
+    peermesh_session::state::percentile(samples, q)
 }
 
 /// Waits until `node` (in the NAT lab) has a link to `peer` that carries
