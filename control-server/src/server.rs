@@ -13,7 +13,11 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::{admin::AdminApi, node::NodeApi, relay::RelayApi};
-use crate::registry::{system_clock, Limits, Registry};
+use crate::hub::Hub;
+use crate::limits::Limits;
+use crate::registry::Registry;
+use crate::relays::RelayDirectory;
+use crate::sessions::{system_clock, Sessions};
 use crate::{secrets, validate};
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -87,6 +91,7 @@ pub fn admin_credential(data: &Path) -> Result<String, ServeError> {
 
 pub struct Server {
     pub registry: Arc<Registry>,
+    pub relays: Arc<RelayDirectory>,
     listener: TcpListener,
     admin_credential: String,
     stun: Option<crate::stun::StunServer>,
@@ -104,7 +109,10 @@ impl Server {
     ) -> Result<Self, ServeError> {
         let admin_credential = admin_credential(data)?;
         let store = crate::store::Store::open(&data.join("db"))?;
-        let registry = Registry::open(store, system_clock(), limits)?;
+        let sessions = Sessions::open(store, system_clock(), &limits)?;
+        let hub = Hub::new(limits.watch_backlog);
+        let registry = Registry::open(sessions.clone(), hub.clone(), &limits)?;
+        let relays = RelayDirectory::new(sessions, hub);
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| ServeError::Listen {
@@ -113,6 +121,7 @@ impl Server {
             })?;
         Ok(Self {
             registry,
+            relays,
             listener,
             admin_credential,
             stun: None,
@@ -152,10 +161,14 @@ impl Server {
         };
         let node =
             NodeControlServer::new(node_api).max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
-        let relay = RelayControlServer::new(RelayApi::new(self.registry.clone()))
+        let relay = RelayControlServer::new(RelayApi::new(self.relays.clone()))
             .max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
-        let admin = AdminServer::new(AdminApi::new(self.registry.clone(), &self.admin_credential))
-            .max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
+        let admin = AdminServer::new(AdminApi::new(
+            self.registry.clone(),
+            self.relays.clone(),
+            &self.admin_credential,
+        ))
+        .max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
         tonic::transport::Server::builder()
             // Dead peers must drop their watch streams (and go offline) soon.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))

@@ -1,4 +1,9 @@
-//! The gRPC face of the registry: request parsing, credentials, streams.
+//! The control API: the gRPC services over the registry, the relay
+//! directory and the rendezvous: request parsing, credentials, streams.
+//!
+//! - [`node`]: `NodeControl`, what mesh nodes call.
+//! - [`relay`]: `RelayControl`, what relay servers call.
+//! - [`admin`]: `Admin`, what operators call.
 
 pub mod admin;
 pub mod node;

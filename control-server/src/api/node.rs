@@ -15,7 +15,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::registry::{GroupEvent, NodeCtx, Registry, Subscription};
+use crate::hub::GroupEvent;
+use crate::registry::{NodeCtx, Registry, Subscription};
 use crate::rendezvous::{MailboxGuard, Rendezvous};
 
 /// Updates a watch stream may have queued towards a slow client before the

@@ -12,25 +12,24 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::registry::Registry;
-use crate::relays::{MemberStep, MemberSubscription, RelayCtx};
+use crate::relays::{MemberStep, MemberSubscription, RelayCtx, RelayDirectory};
 
 /// Updates a member stream may have queued towards a slow relay before the
 /// pump waits for it (and the broadcast backlog absorbs the rest).
 const WATCH_QUEUE: usize = 64;
 
 pub struct RelayApi {
-    registry: Arc<Registry>,
+    relays: Arc<RelayDirectory>,
 }
 
 impl RelayApi {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    pub fn new(relays: Arc<RelayDirectory>) -> Self {
+        Self { relays }
     }
 
     fn ctx<T>(&self, req: &Request<T>) -> Result<RelayCtx, Status> {
         let credential = super::bearer(req.metadata())?;
-        Ok(self.registry.authorize_relay(credential)?)
+        Ok(self.relays.authorize_relay(credential)?)
     }
 }
 
@@ -43,7 +42,7 @@ impl RelayControl for RelayApi {
         req: Request<RegisterRelayRequest>,
     ) -> Result<Response<RegisterRelayResponse>, Status> {
         Ok(Response::new(
-            self.registry.register_relay(req.get_ref()).await?,
+            self.relays.register_relay(req.get_ref()).await?,
         ))
     }
 
@@ -54,9 +53,9 @@ impl RelayControl for RelayApi {
         req: Request<WatchMembersRequest>,
     ) -> Result<Response<Self::WatchMembersStream>, Status> {
         let ctx = self.ctx(&req)?;
-        let sub = self.registry.watch_members(&ctx)?;
+        let sub = self.relays.watch_members(&ctx)?;
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
-        tokio::spawn(pump(self.registry.clone(), ctx, sub, tx));
+        tokio::spawn(pump(self.relays.clone(), ctx, sub, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -65,7 +64,7 @@ impl RelayControl for RelayApi {
         req: Request<RelayLoad>,
     ) -> Result<Response<ReportRelayLoadResponse>, Status> {
         let ctx = self.ctx(&req)?;
-        self.registry.report_relay_load(&ctx, req.get_ref())?;
+        self.relays.report_relay_load(&ctx, req.get_ref())?;
         Ok(Response::new(ReportRelayLoadResponse {}))
     }
 }
@@ -73,7 +72,7 @@ impl RelayControl for RelayApi {
 /// Feeds one relay: the full member set, then every later change. Ends with
 /// PERMISSION_DENIED when the relay is dropped from the directory.
 async fn pump(
-    registry: Arc<Registry>,
+    relays: Arc<RelayDirectory>,
     ctx: RelayCtx,
     sub: MemberSubscription,
     tx: mpsc::Sender<Result<MemberUpdate, Status>>,
@@ -103,7 +102,7 @@ async fn pump(
             },
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::debug!(relay = %ctx.relay_id, missed, "member watcher lagged; sending a full set");
-                match registry.member_resync(&ctx) {
+                match relays.member_resync(&ctx) {
                     Ok((full, seen)) => {
                         cursor.reset(seen);
                         full
