@@ -22,7 +22,8 @@
 //! - [`rendezvous`]: **the rendezvous** (seed 002): hole-punch coordination
 //!   between two members over their watch streams.
 //! - [`stun`]: STUN answers for NAT behaviour discovery (seed 003).
-//! - [`api`]: **the control API**, the gRPC services (node, relay, admin).
+//! - [`api`]: **the control API**, the gRPC services (node, relay, admin)
+//!   and the one stream pump they share.
 //! - [`server`]: wiring: data directory, admin credential, listener.
 
 pub mod api;

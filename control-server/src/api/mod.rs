@@ -4,10 +4,12 @@
 //! - [`node`]: `NodeControl`, what mesh nodes call.
 //! - [`relay`]: `RelayControl`, what relay servers call.
 //! - [`admin`]: `Admin`, what operators call.
+//! - [`stream`]: the one pump behind every server stream.
 
 pub mod admin;
 pub mod node;
 pub mod relay;
+pub mod stream;
 
 use tonic::metadata::MetadataMap;
 use tonic::Status;

@@ -1,22 +1,19 @@
 //! RelayControl: what relay servers call.
 
-use std::pin::Pin;
+use std::convert::Infallible;
 use std::sync::Arc;
 
-use futures::Stream;
 use peermesh_proto::api::{
     relay_control_server::RelayControl, MemberUpdate, RegisterRelayRequest, RegisterRelayResponse,
     RelayLoad, ReportRelayLoadResponse, WatchMembersRequest,
 };
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::relays::{MemberStep, MemberSubscription, RelayCtx, RelayDirectory};
-
-/// Updates a member stream may have queued towards a slow relay before the
-/// pump waits for it (and the broadcast backlog absorbs the rest).
-const WATCH_QUEUE: usize = 64;
+use super::stream::{self, Feed, Step, UpdateStream};
+use crate::hub::MemberEvent;
+use crate::relays::{
+    MemberCursor, MemberStep, MemberSubscription, RelayCtx, RelayDirectory, RelayGuard,
+};
 
 pub struct RelayApi {
     relays: Arc<RelayDirectory>,
@@ -33,8 +30,6 @@ impl RelayApi {
     }
 }
 
-type MemberStream = Pin<Box<dyn Stream<Item = Result<MemberUpdate, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl RelayControl for RelayApi {
     async fn register_relay(
@@ -46,17 +41,26 @@ impl RelayControl for RelayApi {
         ))
     }
 
-    type WatchMembersStream = MemberStream;
+    type WatchMembersStream = UpdateStream<MemberUpdate>;
 
     async fn watch_members(
         &self,
         req: Request<WatchMembersRequest>,
     ) -> Result<Response<Self::WatchMembersStream>, Status> {
         let ctx = self.ctx(&req)?;
-        let sub = self.relays.watch_members(&ctx)?;
-        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
-        tokio::spawn(pump(self.relays.clone(), ctx, sub, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let MemberSubscription {
+            first,
+            cursor,
+            events,
+            guard,
+        } = self.relays.watch_members(&ctx)?;
+        let feed = MembersFeed {
+            relays: self.relays.clone(),
+            ctx,
+            cursor,
+            _guard: guard,
+        };
+        Ok(Response::new(stream::spawn(feed, first, events, None)))
     }
 
     async fn report_relay_load(
@@ -71,53 +75,39 @@ impl RelayControl for RelayApi {
 
 /// Feeds one relay: the full member set, then every later change. Ends with
 /// PERMISSION_DENIED when the relay is dropped from the directory.
-async fn pump(
+struct MembersFeed {
     relays: Arc<RelayDirectory>,
     ctx: RelayCtx,
-    sub: MemberSubscription,
-    tx: mpsc::Sender<Result<MemberUpdate, Status>>,
-) {
-    let MemberSubscription {
-        first,
-        mut cursor,
-        mut events,
-        guard,
-    } = sub;
-    if tx.send(Ok(first)).await.is_err() {
-        return;
-    }
-    loop {
-        let event = tokio::select! {
-            ev = events.recv() => ev,
-            _ = tx.closed() => break,
-        };
-        let update = match event {
-            Ok(ev) => match cursor.step(&ev) {
-                MemberStep::Skip => continue,
-                MemberStep::Send(update) => update,
-                MemberStep::End(err) => {
-                    let _ = tx.send(Err(err.into())).await;
-                    break;
-                }
-            },
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::debug!(relay = %ctx.relay_id, missed, "member watcher lagged; sending a full set");
-                match relays.member_resync(&ctx) {
-                    Ok((full, seen)) => {
-                        cursor.reset(seen);
-                        full
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        break;
-                    }
-                }
-            }
-            Err(broadcast::error::RecvError::Closed) => break,
-        };
-        if tx.send(Ok(update)).await.is_err() {
-            break;
+    cursor: MemberCursor,
+    /// Takes the relay offline with its last stream.
+    _guard: RelayGuard,
+}
+
+impl Feed for MembersFeed {
+    type Event = MemberEvent;
+    type Update = MemberUpdate;
+    type Side = Infallible;
+
+    fn event(&mut self, ev: MemberEvent) -> Step<MemberUpdate> {
+        match self.cursor.step(&ev) {
+            MemberStep::Skip => Step::Skip,
+            MemberStep::Send(update) => Step::Send(update),
+            MemberStep::End(err) => Step::End(err.into()),
         }
     }
-    drop(guard);
+
+    fn lagged(&mut self, missed: u64) -> Step<MemberUpdate> {
+        tracing::debug!(relay = %self.ctx.relay_id, missed, "member watcher lagged; sending a full set");
+        match self.relays.member_resync(&self.ctx) {
+            Ok((full, seen)) => {
+                self.cursor.reset(seen);
+                Step::Send(full)
+            }
+            Err(e) => Step::End(e.into()),
+        }
+    }
+
+    fn side(&mut self, never: Infallible) -> MemberUpdate {
+        match never {}
+    }
 }
