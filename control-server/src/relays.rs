@@ -41,7 +41,10 @@ use crate::{secrets, validate};
 /// Longest region label accepted.
 pub const MAX_REGION: usize = 63;
 /// At most one relay-list update per relay per this interval because of load
-/// reports (coming online and going offline are never delayed).
+/// reports (coming online and going offline are never delayed). Every update
+/// goes to every watcher of every group, and load only guides the nodes'
+/// choice among relays: a second's staleness costs nothing, while a busy
+/// relay's reports could otherwise flood every map.
 pub const LOAD_UPDATE_INTERVAL: Duration = Duration::from_secs(1);
 
 const DROPPED: &str =

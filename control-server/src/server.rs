@@ -22,6 +22,18 @@ use crate::{secrets, validate};
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
+/// How often the server pings an idle HTTP/2 connection. A node or relay
+/// that vanished without closing its connection (power cut, lost NAT
+/// mapping, cable out) holds its watch stream, and so stays online in every
+/// map, until a ping goes unanswered; ten seconds (plus
+/// [`KEEPALIVE_TIMEOUT`]) brings that under half a minute for a few bytes
+/// per connection and interval.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a keepalive ping may go unanswered before the connection (and
+/// its streams) is dropped: far above any round trip a live peer has, so
+/// only dead ones are cut.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Stops the STUN tasks with the server.
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
 
@@ -171,8 +183,8 @@ impl Server {
         .max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
         tonic::transport::Server::builder()
             // Dead peers must drop their watch streams (and go offline) soon.
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_service(node)
             .add_service(relay)
             .add_service(admin)

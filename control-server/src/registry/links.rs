@@ -10,6 +10,12 @@ use super::{NodeCtx, Registry};
 use crate::error::{ControlError, Result};
 use crate::validate;
 
+/// Longest round-trip time a link report may carry: an hour. No path the
+/// mesh keeps has a round trip anywhere near it, so a larger value is a
+/// broken measurement (a clock jump, garbage) and is refused rather than
+/// shown in the table.
+const MAX_RTT_MS: f64 = 3_600_000.0;
+
 impl Registry {
     /// Replaces the caller's link reports. Reports about nodes that are not
     /// (or no longer) members are dropped: maps change under the reporter.
@@ -34,7 +40,7 @@ impl Registry {
                 Ok(_) => {}
             }
             if let Some(rtt) = l.rtt_ms {
-                if !rtt.is_finite() || !(0.0..=3_600_000.0).contains(&rtt) {
+                if !rtt.is_finite() || !(0.0..=MAX_RTT_MS).contains(&rtt) {
                     return Err(ControlError::invalid(format!(
                         "link to {}: rtt_ms {rtt} is not a duration",
                         l.peer_id
