@@ -209,6 +209,11 @@ async fn serve(
     Ok(())
 }
 
+/// How long an admin command waits to connect to the server: the server is
+/// expected to be up and near, so five seconds covers a slow path, and an
+/// operator with a wrong address or a stopped server hears so soon.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 type Interceptor =
     Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
 type Admin = AdminClient<InterceptedService<Channel, Interceptor>>;
@@ -216,7 +221,7 @@ type Admin = AdminClient<InterceptedService<Channel, Interceptor>>;
 async fn connect(url: &str, credential: &str) -> Result<Admin> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("invalid server URL {url:?}"))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_TIMEOUT)
         .connect()
         .await
         .with_context(|| format!("connecting to the control server at {url}"))?;

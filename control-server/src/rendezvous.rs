@@ -23,7 +23,12 @@ use crate::error::{ControlError, Result};
 use crate::registry::{NodeCtx, Registry};
 use crate::validate;
 
-/// How long a caller waits for the callee's `PunchReady`.
+/// How long a caller waits for the callee's `PunchReady`. The callee
+/// answers as soon as its opening packets are out: one instruction down its
+/// open watch stream and one call back, well under a second on any working
+/// path. A callee that has not answered in three seconds is not reading its
+/// stream (or is gone), and waiting longer only delays the caller's next
+/// attempt.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Instructions queued towards one watch stream; more means the callee is
 /// not reading, and the punch is refused rather than queued.

@@ -13,10 +13,26 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::{admin::AdminApi, node::NodeApi, relay::RelayApi};
-use crate::registry::{system_clock, Limits, Registry};
+use crate::hub::Hub;
+use crate::limits::Limits;
+use crate::registry::Registry;
+use crate::relays::RelayDirectory;
+use crate::sessions::{system_clock, Sessions};
 use crate::{secrets, validate};
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// How often the server pings an idle HTTP/2 connection. A node or relay
+/// that vanished without closing its connection (power cut, lost NAT
+/// mapping, cable out) holds its watch stream, and so stays online in every
+/// map, until a ping goes unanswered; ten seconds (plus
+/// [`KEEPALIVE_TIMEOUT`]) brings that under half a minute for a few bytes
+/// per connection and interval.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a keepalive ping may go unanswered before the connection (and
+/// its streams) is dropped: far above any round trip a live peer has, so
+/// only dead ones are cut.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Stops the STUN tasks with the server.
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
@@ -87,6 +103,7 @@ pub fn admin_credential(data: &Path) -> Result<String, ServeError> {
 
 pub struct Server {
     pub registry: Arc<Registry>,
+    pub relays: Arc<RelayDirectory>,
     listener: TcpListener,
     admin_credential: String,
     stun: Option<crate::stun::StunServer>,
@@ -104,7 +121,10 @@ impl Server {
     ) -> Result<Self, ServeError> {
         let admin_credential = admin_credential(data)?;
         let store = crate::store::Store::open(&data.join("db"))?;
-        let registry = Registry::open(store, system_clock(), limits)?;
+        let sessions = Sessions::open(store, system_clock(), &limits)?;
+        let hub = Hub::new(limits.watch_backlog);
+        let registry = Registry::open(sessions.clone(), hub.clone(), &limits)?;
+        let relays = RelayDirectory::new(sessions, hub);
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| ServeError::Listen {
@@ -113,6 +133,7 @@ impl Server {
             })?;
         Ok(Self {
             registry,
+            relays,
             listener,
             admin_credential,
             stun: None,
@@ -152,14 +173,18 @@ impl Server {
         };
         let node =
             NodeControlServer::new(node_api).max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
-        let relay = RelayControlServer::new(RelayApi::new(self.registry.clone()))
+        let relay = RelayControlServer::new(RelayApi::new(self.relays.clone()))
             .max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
-        let admin = AdminServer::new(AdminApi::new(self.registry.clone(), &self.admin_credential))
-            .max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
+        let admin = AdminServer::new(AdminApi::new(
+            self.registry.clone(),
+            self.relays.clone(),
+            &self.admin_credential,
+        ))
+        .max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
         tonic::transport::Server::builder()
             // Dead peers must drop their watch streams (and go offline) soon.
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_service(node)
             .add_service(relay)
             .add_service(admin)

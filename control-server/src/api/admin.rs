@@ -12,17 +12,24 @@ use peermesh_proto::api::{
 use tonic::{Request, Response, Status};
 
 use crate::registry::Registry;
-use crate::secrets;
+use crate::relays::RelayDirectory;
+use crate::{secrets, tokens};
 
 pub struct AdminApi {
     registry: Arc<Registry>,
+    relays: Arc<RelayDirectory>,
     credential_digest: [u8; 32],
 }
 
 impl AdminApi {
-    pub fn new(registry: Arc<Registry>, admin_credential: &str) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        relays: Arc<RelayDirectory>,
+        admin_credential: &str,
+    ) -> Self {
         Self {
             registry,
+            relays,
             credential_digest: secrets::digest(admin_credential),
         }
     }
@@ -91,7 +98,14 @@ impl Admin for AdminApi {
     ) -> Result<Response<RevokeTokenResponse>, Status> {
         self.check(&req)?;
         let r = req.get_ref();
-        let (info, revoked_nodes) = self.registry.revoke_token(&r.token, r.keep_nodes).await?;
+        // A node token is the registry's to revoke (with its nodes), a relay
+        // token the relay directory's (with its relays).
+        let token = tokens::find(self.registry.store(), &r.token)?;
+        let (info, revoked_nodes) = if token.relay {
+            self.relays.revoke_relay_token(token, r.keep_nodes).await?
+        } else {
+            self.registry.revoke_node_token(token, r.keep_nodes).await?
+        };
         Ok(Response::new(RevokeTokenResponse {
             info: Some(info),
             revoked_nodes,
@@ -135,7 +149,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<ListRelaysResponse>, Status> {
         self.check(&req)?;
         Ok(Response::new(ListRelaysResponse {
-            relays: self.registry.list_relays()?,
+            relays: self.relays.list_relays()?,
         }))
     }
 }

@@ -1,8 +1,15 @@
-//! The gRPC face of the registry: request parsing, credentials, streams.
+//! The control API: the gRPC services over the registry, the relay
+//! directory and the rendezvous: request parsing, credentials, streams.
+//!
+//! - [`node`]: `NodeControl`, what mesh nodes call.
+//! - [`relay`]: `RelayControl`, what relay servers call.
+//! - [`admin`]: `Admin`, what operators call.
+//! - [`stream`]: the one pump behind every server stream.
 
 pub mod admin;
 pub mod node;
 pub mod relay;
+pub mod stream;
 
 use tonic::metadata::MetadataMap;
 use tonic::Status;

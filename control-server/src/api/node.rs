@@ -1,26 +1,20 @@
 //! NodeControl: what mesh nodes call.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
 use peermesh_proto::api::{
-    node_control_server::NodeControl, AuthenticateRequest, AuthenticateResponse, JoinRequest,
-    JoinResponse, LeaveRequest, LeaveResponse, NatReport, NetworkMapUpdate, PunchInstruction,
-    PunchReadyRequest, PunchReadyResponse, ReportLinksRequest, ReportLinksResponse,
-    ReportNatResponse, RequestPunchRequest, RequestPunchResponse, StunEndpoints,
-    UpdateEndpointsRequest, UpdateEndpointsResponse, WatchNetworkMapRequest,
+    network_map_update::Kind, node_control_server::NodeControl, AuthenticateRequest,
+    AuthenticateResponse, JoinRequest, JoinResponse, LeaveRequest, LeaveResponse, NatReport,
+    NetworkMapUpdate, PunchInstruction, PunchReadyRequest, PunchReadyResponse, ReportLinksRequest,
+    ReportLinksResponse, ReportNatResponse, RequestPunchRequest, RequestPunchResponse,
+    StunEndpoints, UpdateEndpointsRequest, UpdateEndpointsResponse, WatchNetworkMapRequest,
 };
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::registry::{GroupEvent, NodeCtx, Registry, Subscription};
+use super::stream::{self, Feed, Step, UpdateStream};
+use crate::hub::GroupEvent;
+use crate::registry::{NodeCtx, Registry, Subscription, WatchGuard};
 use crate::rendezvous::{MailboxGuard, Rendezvous};
-
-/// Updates a watch stream may have queued towards a slow client before the
-/// pump waits for it (and the broadcast backlog absorbs the rest).
-const WATCH_QUEUE: usize = 64;
 
 pub struct NodeApi {
     registry: Arc<Registry>,
@@ -61,8 +55,6 @@ impl NodeApi {
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<NetworkMapUpdate, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl NodeControl for NodeApi {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
@@ -78,25 +70,35 @@ impl NodeControl for NodeApi {
         ))
     }
 
-    type WatchNetworkMapStream = WatchStream;
+    type WatchNetworkMapStream = UpdateStream<NetworkMapUpdate>;
 
     async fn watch_network_map(
         &self,
         req: Request<WatchNetworkMapRequest>,
     ) -> Result<Response<Self::WatchNetworkMapStream>, Status> {
         let ctx = self.ctx(&req)?;
-        let sub = self.registry.watch(&ctx)?;
-        let mailbox = self.rendezvous.mailbox(&ctx.node_id);
-        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
-        tokio::spawn(pump(
-            self.registry.clone(),
+        let Subscription {
+            first,
+            version,
+            events,
+            guard,
+        } = self.registry.watch(&ctx)?;
+        let (punches, mailbox) = self.rendezvous.mailbox(&ctx.node_id);
+        let feed = WatchFeed {
+            registry: self.registry.clone(),
             ctx,
-            sub,
-            mailbox,
-            self.stun.clone(),
-            tx,
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            version,
+            stun: self.stun.clone(),
+            _mailbox: mailbox,
+            _watch: guard,
+        };
+        let first = feed.with_stun(first);
+        Ok(Response::new(stream::spawn(
+            feed,
+            first,
+            events,
+            Some(punches),
+        )))
     }
 
     async fn update_endpoints(
@@ -156,80 +158,66 @@ impl NodeControl for NodeApi {
     }
 }
 
-/// Feeds one watcher: the full map, then every later change of its group.
-/// Ends with PERMISSION_DENIED when the watcher itself is removed.
-async fn pump(
+/// Feeds one watcher: the full map, then every later change of its group,
+/// and the punch instructions for it. Ends with PERMISSION_DENIED when the
+/// watcher itself is removed.
+struct WatchFeed {
     registry: Arc<Registry>,
     ctx: NodeCtx,
-    sub: Subscription,
-    (mut punches, mailbox_guard): (mpsc::Receiver<PunchInstruction>, MailboxGuard),
+    /// The version the watcher's map is at.
+    version: u64,
     stun: Option<StunEndpoints>,
-    tx: mpsc::Sender<Result<NetworkMapUpdate, Status>>,
-) {
-    // Full maps carry the STUN endpoints; the registry does not know them.
-    let with_stun = |mut u: NetworkMapUpdate| {
-        if let Some(peermesh_proto::api::network_map_update::Kind::Full(m)) = &mut u.kind {
-            m.stun = stun.clone();
+    // Dropped in this order when the stream ends: the punch mailbox, then
+    // the watch (the node goes offline with its last stream).
+    _mailbox: MailboxGuard,
+    _watch: WatchGuard,
+}
+
+impl WatchFeed {
+    /// Full maps carry the STUN endpoints; the registry does not know them.
+    fn with_stun(&self, mut u: NetworkMapUpdate) -> NetworkMapUpdate {
+        if let Some(Kind::Full(m)) = &mut u.kind {
+            m.stun = self.stun.clone();
         }
         u
-    };
-    let Subscription {
-        first,
-        mut version,
-        mut events,
-        guard,
-    } = sub;
-    if tx.send(Ok(with_stun(first))).await.is_err() {
-        return;
     }
-    loop {
-        let event = tokio::select! {
-            ev = events.recv() => ev,
-            Some(p) = punches.recv() => {
-                let update = NetworkMapUpdate {
-                    version,
-                    kind: Some(peermesh_proto::api::network_map_update::Kind::Punch(p)),
-                };
-                if tx.send(Ok(update)).await.is_err() {
-                    break;
-                }
-                continue;
-            }
-            _ = tx.closed() => break,
-        };
-        let update = match event {
-            Ok(ev) if ev.version() <= version => continue,
-            Ok(GroupEvent::Removed {
+}
+
+impl Feed for WatchFeed {
+    type Event = GroupEvent;
+    type Update = NetworkMapUpdate;
+    type Side = PunchInstruction;
+
+    fn event(&mut self, ev: GroupEvent) -> Step<NetworkMapUpdate> {
+        match ev {
+            ev if ev.version() <= self.version => Step::Skip,
+            GroupEvent::Removed {
                 node_id, reason, ..
-            }) if *node_id == *ctx.node_id => {
-                let _ = tx
-                    .send(Err(Status::permission_denied(reason.describe())))
-                    .await;
-                break;
+            } if *node_id == *self.ctx.node_id => {
+                Step::End(Status::permission_denied(reason.describe()))
             }
-            Ok(ev) => {
-                version = ev.version();
-                ev.to_update()
+            ev => {
+                self.version = ev.version();
+                Step::Send(ev.to_update())
             }
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::debug!(node = %ctx.node_id, missed, "watcher lagged; sending a full map");
-                match registry.resync(&ctx) {
-                    Ok(full) => {
-                        version = full.version;
-                        with_stun(full)
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        break;
-                    }
-                }
-            }
-            Err(broadcast::error::RecvError::Closed) => break,
-        };
-        if tx.send(Ok(update)).await.is_err() {
-            break;
         }
     }
-    drop(mailbox_guard);
-    drop(guard);
+
+    fn lagged(&mut self, missed: u64) -> Step<NetworkMapUpdate> {
+        tracing::debug!(node = %self.ctx.node_id, missed, "watcher lagged; sending a full map");
+        match self.registry.resync(&self.ctx) {
+            Ok(full) => {
+                self.version = full.version;
+                Step::Send(self.with_stun(full))
+            }
+            Err(e) => Step::End(e.into()),
+        }
+    }
+
+    fn side(&mut self, p: PunchInstruction) -> NetworkMapUpdate {
+        NetworkMapUpdate {
+            version: self.version,
+            kind: Some(Kind::Punch(p)),
+        }
+    }
 }

@@ -1,40 +1,34 @@
 //! RelayControl: what relay servers call.
 
-use std::pin::Pin;
+use std::convert::Infallible;
 use std::sync::Arc;
 
-use futures::Stream;
 use peermesh_proto::api::{
     relay_control_server::RelayControl, MemberUpdate, RegisterRelayRequest, RegisterRelayResponse,
     RelayLoad, ReportRelayLoadResponse, WatchMembersRequest,
 };
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::registry::Registry;
-use crate::relays::{MemberStep, MemberSubscription, RelayCtx};
-
-/// Updates a member stream may have queued towards a slow relay before the
-/// pump waits for it (and the broadcast backlog absorbs the rest).
-const WATCH_QUEUE: usize = 64;
+use super::stream::{self, Feed, Step, UpdateStream};
+use crate::hub::MemberEvent;
+use crate::relays::{
+    MemberCursor, MemberStep, MemberSubscription, RelayCtx, RelayDirectory, RelayGuard,
+};
 
 pub struct RelayApi {
-    registry: Arc<Registry>,
+    relays: Arc<RelayDirectory>,
 }
 
 impl RelayApi {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    pub fn new(relays: Arc<RelayDirectory>) -> Self {
+        Self { relays }
     }
 
     fn ctx<T>(&self, req: &Request<T>) -> Result<RelayCtx, Status> {
         let credential = super::bearer(req.metadata())?;
-        Ok(self.registry.authorize_relay(credential)?)
+        Ok(self.relays.authorize_relay(credential)?)
     }
 }
-
-type MemberStream = Pin<Box<dyn Stream<Item = Result<MemberUpdate, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl RelayControl for RelayApi {
@@ -43,21 +37,30 @@ impl RelayControl for RelayApi {
         req: Request<RegisterRelayRequest>,
     ) -> Result<Response<RegisterRelayResponse>, Status> {
         Ok(Response::new(
-            self.registry.register_relay(req.get_ref()).await?,
+            self.relays.register_relay(req.get_ref()).await?,
         ))
     }
 
-    type WatchMembersStream = MemberStream;
+    type WatchMembersStream = UpdateStream<MemberUpdate>;
 
     async fn watch_members(
         &self,
         req: Request<WatchMembersRequest>,
     ) -> Result<Response<Self::WatchMembersStream>, Status> {
         let ctx = self.ctx(&req)?;
-        let sub = self.registry.watch_members(&ctx)?;
-        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
-        tokio::spawn(pump(self.registry.clone(), ctx, sub, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let MemberSubscription {
+            first,
+            cursor,
+            events,
+            guard,
+        } = self.relays.watch_members(&ctx)?;
+        let feed = MembersFeed {
+            relays: self.relays.clone(),
+            ctx,
+            cursor,
+            _guard: guard,
+        };
+        Ok(Response::new(stream::spawn(feed, first, events, None)))
     }
 
     async fn report_relay_load(
@@ -65,60 +68,46 @@ impl RelayControl for RelayApi {
         req: Request<RelayLoad>,
     ) -> Result<Response<ReportRelayLoadResponse>, Status> {
         let ctx = self.ctx(&req)?;
-        self.registry.report_relay_load(&ctx, req.get_ref())?;
+        self.relays.report_relay_load(&ctx, req.get_ref())?;
         Ok(Response::new(ReportRelayLoadResponse {}))
     }
 }
 
 /// Feeds one relay: the full member set, then every later change. Ends with
 /// PERMISSION_DENIED when the relay is dropped from the directory.
-async fn pump(
-    registry: Arc<Registry>,
+struct MembersFeed {
+    relays: Arc<RelayDirectory>,
     ctx: RelayCtx,
-    sub: MemberSubscription,
-    tx: mpsc::Sender<Result<MemberUpdate, Status>>,
-) {
-    let MemberSubscription {
-        first,
-        mut cursor,
-        mut events,
-        guard,
-    } = sub;
-    if tx.send(Ok(first)).await.is_err() {
-        return;
-    }
-    loop {
-        let event = tokio::select! {
-            ev = events.recv() => ev,
-            _ = tx.closed() => break,
-        };
-        let update = match event {
-            Ok(ev) => match cursor.step(&ev) {
-                MemberStep::Skip => continue,
-                MemberStep::Send(update) => update,
-                MemberStep::End(err) => {
-                    let _ = tx.send(Err(err.into())).await;
-                    break;
-                }
-            },
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::debug!(relay = %ctx.relay_id, missed, "member watcher lagged; sending a full set");
-                match registry.member_resync(&ctx) {
-                    Ok((full, seen)) => {
-                        cursor.reset(seen);
-                        full
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        break;
-                    }
-                }
-            }
-            Err(broadcast::error::RecvError::Closed) => break,
-        };
-        if tx.send(Ok(update)).await.is_err() {
-            break;
+    cursor: MemberCursor,
+    /// Takes the relay offline with its last stream.
+    _guard: RelayGuard,
+}
+
+impl Feed for MembersFeed {
+    type Event = MemberEvent;
+    type Update = MemberUpdate;
+    type Side = Infallible;
+
+    fn event(&mut self, ev: MemberEvent) -> Step<MemberUpdate> {
+        match self.cursor.step(&ev) {
+            MemberStep::Skip => Step::Skip,
+            MemberStep::Send(update) => Step::Send(update),
+            MemberStep::End(err) => Step::End(err.into()),
         }
     }
-    drop(guard);
+
+    fn lagged(&mut self, missed: u64) -> Step<MemberUpdate> {
+        tracing::debug!(relay = %self.ctx.relay_id, missed, "member watcher lagged; sending a full set");
+        match self.relays.member_resync(&self.ctx) {
+            Ok((full, seen)) => {
+                self.cursor.reset(seen);
+                Step::Send(full)
+            }
+            Err(e) => Step::End(e.into()),
+        }
+    }
+
+    fn side(&mut self, never: Infallible) -> MemberUpdate {
+        match never {}
+    }
 }

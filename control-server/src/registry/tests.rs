@@ -2,11 +2,24 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::Arc;
+
 use libp2p_identity::Keypair;
 use peermesh_proto::api::network_map_update::Kind;
-use tokio::sync::broadcast::error::TryRecvError;
+use peermesh_proto::api::{
+    self, LinkReport, NetworkMap, NetworkMapUpdate, NodeInfo, NodeState, PathKind, TokenInfo,
+};
+use peermesh_proto::signing;
+use tokio::sync::broadcast::{self, error::TryRecvError};
 
+use super::groups::MAX_TOKEN_TTL_SECS;
 use super::*;
+use crate::error::{ControlError, Result};
+use crate::hub::{GroupEvent, Hub, RemovalReason};
+use crate::limits::Limits;
+use crate::sessions::{Clock, Sessions};
+use crate::store::Store;
+use crate::{secrets, validate};
 
 /// An arbitrary fixed start time (2023-11-14), far from zero so that
 /// "now minus skew" cannot underflow.
@@ -140,7 +153,9 @@ fn open_registry(dir: &tempfile::TempDir, time: &Arc<AtomicU64>, limits: &Limits
     let store = Store::open(&dir.path().join("db")).expect("open store");
     let t = time.clone();
     let clock: Clock = Arc::new(move || t.load(Ordering::SeqCst));
-    Registry::open(store, clock, limits.clone()).expect("open registry")
+    let sessions = Sessions::open(store, clock, limits).expect("open sessions");
+    let hub = Hub::new(limits.watch_backlog);
+    Registry::open(sessions, hub, limits).expect("open registry")
 }
 
 fn join_req(kp: &Keypair, token: &str, name: &str, ts: u64) -> api::JoinRequest {
