@@ -234,7 +234,7 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Up { .. } | Command::Relay { .. }) {
-        peermesh_node::swarm::warm_up_tls();
+        peermesh_node::warm_up_tls();
     }
     let result = match cli.command {
         Command::Up {

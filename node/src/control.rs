@@ -7,9 +7,8 @@ use std::sync::{Arc, RwLock};
 use libp2p::identity::Keypair;
 use peermesh_proto::api::{
     node_control_client::NodeControlClient, AuthenticateRequest, AuthenticateResponse, JoinRequest,
-    JoinResponse, LeaveRequest, LinkReport, NetworkMapUpdate, PunchReadyRequest,
-    ReportLinksRequest, RequestPunchRequest, RequestPunchResponse, UpdateEndpointsRequest,
-    WatchNetworkMapRequest,
+    JoinResponse, LinkReport, NetworkMapUpdate, PunchReadyRequest, ReportLinksRequest,
+    RequestPunchRequest, RequestPunchResponse, UpdateEndpointsRequest, WatchNetworkMapRequest,
 };
 use peermesh_proto::client::{channel, next_timestamp, with_bearer};
 use peermesh_proto::signing;
@@ -31,7 +30,6 @@ pub struct ControlClient {
     rpc: NodeControlClient<Channel>,
     keypair: Keypair,
     session: Arc<RwLock<Session>>,
-    url: String,
 }
 
 impl ControlClient {
@@ -45,12 +43,7 @@ impl ControlClient {
             })?),
             keypair,
             session: Arc::default(),
-            url: url.to_string(),
         })
-    }
-
-    pub fn url(&self) -> &str {
-        &self.url
     }
 
     fn next_ts(&self) -> u64 {
@@ -64,14 +57,6 @@ impl ControlClient {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .credential = credential;
-    }
-
-    pub fn has_session(&self) -> bool {
-        self.session
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .credential
-            .is_some()
     }
 
     fn authed<T>(&self, msg: T) -> Request<T> {
@@ -137,12 +122,6 @@ impl ControlClient {
     pub async fn report_links(&mut self, links: Vec<LinkReport>) -> Result<(), Status> {
         let req = self.authed(ReportLinksRequest { links });
         self.rpc.report_links(req).await?;
-        Ok(())
-    }
-
-    pub async fn leave(&mut self) -> Result<(), Status> {
-        let req = self.authed(LeaveRequest {});
-        self.rpc.leave(req).await?;
         Ok(())
     }
 

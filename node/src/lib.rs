@@ -28,15 +28,15 @@
 //! Layers, each using only those above it (no module cycle):
 //!
 //! - [`error`], [`state_dir`]: typed errors; identity and membership on disk.
-//! - [`control`]: the client of the control server's node API.
-//! - [`netmap`]: the group's network map, kept in step (sans-IO).
+//! - `control`: the client of the control server's node API.
+//! - `netmap`: the group's network map, kept in step (sans-IO).
 //! - [`protocol`]: protocol names on the wire, and the dispatch table.
-//! - [`nat`]: NAT discovery and STUN probes on real sockets.
-//! - [`swarm`]: the libp2p swarm task (QUIC, relay client, forwarding for
+//! - `nat`: NAT discovery and STUN probes on real sockets.
+//! - `swarm`: the libp2p swarm task (QUIC, relay client, forwarding for
 //!   members, DCUtR, punched sockets handed to QUIC).
-//! - [`punch`]: the hole-punch machine on real probe sockets.
-//! - [`link`]: one isolated worker per peer link (path switch + link policy).
-//! - [`mesh`]: the link table and the routing between links and the swarm.
+//! - `punch`: the hole-punch machine on real probe sockets.
+//! - `link`: one isolated worker per peer link (path switch + link policy).
+//! - `mesh`: the link table and the routing between links and the swarm.
 //! - [`endpoint`]: the [`Endpoint`]: join, the control session, punches,
 //!   status and events.
 //! - [`router`]: protocols registered by applications.
@@ -46,19 +46,21 @@
 //! hole punching, rendezvous) live in `peermesh-traversal`, which has no
 //! I/O; the shared types in `peermesh-base`.
 
-pub mod control;
+// The public surface: the endpoint, the router, protocols, the local API
+// framing and the state directory. The machinery under them is private.
+mod control;
 pub mod endpoint;
 pub mod error;
-pub mod link;
+mod link;
 pub mod local_api;
-pub mod mesh;
-pub mod nat;
-pub mod netmap;
+mod mesh;
+mod nat;
+mod netmap;
 pub mod protocol;
-pub mod punch;
+mod punch;
 pub mod router;
 pub mod state_dir;
-pub mod swarm;
+mod swarm;
 
 pub use endpoint::{
     Endpoint, EndpointConfig, Event, EventKind, Events, LinkSender, ProtocolSender, PunchMode,
@@ -69,3 +71,4 @@ pub use peermesh_base::{status, NodeId, PathKind};
 pub use protocol::{Message, ProtocolId};
 pub use router::{Incoming, ProtocolHandler, Router, RouterBuilder};
 pub use state_dir::Membership;
+pub use swarm::warm_up_tls;

@@ -80,7 +80,6 @@ pub enum MeshEvent {
 pub struct MeshHandle {
     pub commands: mpsc::Sender<MeshCommand>,
     pub events: mpsc::Receiver<MeshEvent>,
-    pub local_peer_id: PeerId,
     /// Hands sockets the hole puncher got through to QUIC.
     pub adopter: swarm::punched::Adopter,
 }
@@ -168,7 +167,6 @@ pub fn spawn(
     Ok(MeshHandle {
         commands: cmd_tx,
         events: ev_rx,
-        local_peer_id,
         adopter,
     })
 }
@@ -318,7 +316,6 @@ impl Mesh {
             swarm::Event::HomeRelay(relay) => {
                 let _ = self.events.send(MeshEvent::HomeRelay(relay)).await;
             }
-            swarm::Event::DirectUpgrade { .. } => {}
             swarm::Event::DialFailed { peer } => {
                 if let Some(tx) = route(&peer) {
                     let _ = tx.send(LinkInput::DialFailed).await;
@@ -363,8 +360,11 @@ impl Mesh {
                         peer,
                         connection,
                         stream,
-                        ..
-                    } => (peer, LinkInput::Stream { connection, stream }),
+                        inbound,
+                    } => {
+                        tracing::debug!(%peer, ?connection, inbound, "link stream");
+                        (peer, LinkInput::Stream { connection, stream })
+                    }
                     L::OpenFailed {
                         peer,
                         connection,

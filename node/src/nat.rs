@@ -32,11 +32,6 @@ pub async fn run_with_early(
     full
 }
 
-/// Runs the whole discovery from one fresh socket.
-pub async fn run(primary: SocketAddr) -> std::io::Result<NatBehavior> {
-    drive(primary, false).await
-}
-
 async fn drive(primary: SocketAddr, mapping_only: bool) -> std::io::Result<NatBehavior> {
     let bind: SocketAddr = if primary.is_ipv4() {
         ([0, 0, 0, 0], 0).into()

@@ -38,10 +38,6 @@ pub struct NetworkMap {
 }
 
 impl NetworkMap {
-    pub fn has_base(&self) -> bool {
-        self.has_base
-    }
-
     /// Applies one update. A full map replaces everything; deltas at or below
     /// the current version are stale and ignored.
     pub fn apply(&mut self, update: NetworkMapUpdate) -> Result<Vec<MapChange>, MapError> {

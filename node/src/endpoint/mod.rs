@@ -158,7 +158,9 @@ impl Endpoint {
             }
         }
         let client = ControlClient::new(&url, keypair.clone())?;
-        let membership = match (&config.token, &remembered) {
+        // Join with a token, or open a session as the member the state
+        // directory remembers; either way the server says who we are.
+        let (server_id, node_id, name, group) = match (&config.token, &remembered) {
             (Some(token), _) => {
                 let name = sanitize_name(
                     config
@@ -175,13 +177,7 @@ impl Endpoint {
                 .await?;
                 // Clones share the session, so `client` now holds it too.
                 tracing::info!(group = %r.group, name = %r.name, "joined");
-                Membership {
-                    control_url: url.clone(),
-                    server_id: r.server_id,
-                    node_id: r.node_id,
-                    name: r.name,
-                    group: r.group,
-                }
+                (r.server_id, r.node_id, r.name, r.group)
             }
             (None, Some(m)) => {
                 let server_id = m.server_id.clone();
@@ -192,15 +188,16 @@ impl Endpoint {
                 })
                 .await?;
                 tracing::info!(group = %r.group, name = %r.name, "authenticated");
-                Membership {
-                    control_url: url.clone(),
-                    server_id: r.server_id,
-                    node_id: r.node_id,
-                    name: r.name,
-                    group: r.group,
-                }
+                (r.server_id, r.node_id, r.name, r.group)
             }
             (None, None) => return Err(NodeError::NotJoined),
+        };
+        let membership = Membership {
+            control_url: url.clone(),
+            server_id,
+            node_id,
+            name,
+            group,
         };
         state.save_membership(&membership)?;
         let id = NodeId::from_bytes(&peer_id.to_bytes()).expect("a peer id is a node id");

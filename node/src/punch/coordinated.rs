@@ -144,7 +144,7 @@ pub async fn run(
     let result = match out.result {
         Ok(p) => match adopter.adopt(peer, p.local_port, p.remote).await {
             Ok(()) => {
-                tracing::info!(%peer, remote = %p.remote, local_port = p.local_port, rtt_ms = ?p.rtt.map(|r| r.as_secs_f64() * 1e3), packets = c.total_packets, birthday_probes = c.birthday_probes_sent, took_ms = started.elapsed().as_secs_f64() * 1e3, "punch: probe pair answered; QUIC takes the socket");
+                tracing::info!(%peer, remote = %p.remote, local_port = p.local_port, rtt_ms = ?p.rtt.map(|r| r.as_secs_f64() * 1e3), packets = c.total_packets, birthday_probes = c.birthday_probes_sent, took_ms = started.elapsed().as_secs_f64() * 1e3, malformed = out.malformed, "punch: probe pair answered; QUIC takes the socket");
                 if a.role == Role::Initiator {
                     tokio::time::sleep(DIAL_AFTER).await;
                     let _ = mesh
@@ -164,7 +164,7 @@ pub async fn run(
             }
         },
         Err(reason) => {
-            tracing::info!(%peer, ?reason, packets = c.total_packets, birthday_probes = c.birthday_probes_sent, "punch: no probe pair answered");
+            tracing::info!(%peer, ?reason, packets = c.total_packets, birthday_probes = c.birthday_probes_sent, malformed = out.malformed, "punch: no probe pair answered");
             format!("failed: {reason:?}")
         }
     };

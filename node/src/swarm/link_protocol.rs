@@ -128,7 +128,6 @@ pub enum Event {
         relayed: bool,
         /// Who carries a relayed connection (relay server or member).
         via: Option<PeerId>,
-        remote: Multiaddr,
     },
     Disconnected {
         peer: PeerId,
@@ -210,7 +209,6 @@ impl NetworkBehaviour for Behaviour {
                         connection: e.connection_id,
                         relayed: e.endpoint.is_relayed() || is_relayed(&remote) || via.is_some(),
                         via,
-                        remote,
                     }));
             }
             FromSwarm::ConnectionClosed(e) => {

@@ -152,11 +152,6 @@ pub enum Event {
         connection: ConnectionId,
         rtt: Option<Duration>,
     },
-    DirectUpgrade {
-        peer: PeerId,
-        ok: bool,
-        error: Option<String>,
-    },
     /// A dial to this peer failed.
     DialFailed {
         peer: PeerId,
@@ -703,15 +698,6 @@ impl Task {
                     Err(e) => (false, Some(e.to_string())),
                 };
                 tracing::debug!(peer = %remote_peer_id, ok, ?error, "direct connection upgrade");
-                emit(
-                    &self.events,
-                    Event::DirectUpgrade {
-                        peer: remote_peer_id,
-                        ok,
-                        error,
-                    },
-                )
-                .await;
             }
             SwarmEvent::Behaviour(MeshBehaviourEvent::Link(ev)) => {
                 emit(&self.events, Event::Link(ev)).await;
