@@ -41,7 +41,7 @@ enum Command {
         /// Join token; needed only for the first run with this --state.
         #[arg(long, env = "PEERMESH_TOKEN", hide_env_values = true)]
         token: Option<String>,
-        /// State directory: identity key, membership, status socket.
+        /// State directory: identity key, membership, local API socket.
         #[arg(long)]
         state: PathBuf,
         /// Node name (a DNS label); defaults to the host name.

@@ -1,5 +1,5 @@
 //! The node's state directory: its identity key, what it learned at join,
-//! and the local status socket.
+//! and the lock that keeps a second process off them.
 //!
 //! ```text
 //! <state>/identity.key   libp2p protobuf-encoded ed25519 keypair (0600)

@@ -227,7 +227,7 @@ pub struct MeshNode {
 }
 
 impl MeshNode {
-    /// The node's status socket.
+    /// The node's local API socket.
     pub fn socket(&self) -> PathBuf {
         self.state.join("meshnode.sock")
     }
@@ -280,7 +280,7 @@ impl MeshNode {
         )
     }
 
-    /// Waits until the node's status socket answers.
+    /// Waits until the node's local API socket answers.
     pub fn wait_up(&self, timeout: Duration) -> Result<NodeStatus> {
         poll(
             timeout,

@@ -188,7 +188,7 @@ pub struct Drops {
     pub mesh_no_link: u64,
 }
 
-/// The whole picture, for the status socket.
+/// The whole picture, for the local API.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SessionView {
     pub name: String,

@@ -228,17 +228,16 @@ impl Endpoint {
             dispatch.clone(),
         )?;
         let events = Arc::new(events::EventLog::new());
-        let session = session::Session::new(
+        let commands = mesh.commands.clone();
+        let session = session::Session::new(session::Wiring {
             client,
-            membership.clone(),
-            config.advertise,
-            view.clone(),
-            events.clone(),
-            config.link_report_interval,
-            mesh.commands.clone(),
-            mesh.events,
-            mesh.adopter,
-        );
+            membership: membership.clone(),
+            advertise: config.advertise,
+            link_report_interval: config.link_report_interval,
+            view: view.clone(),
+            events: events.clone(),
+            mesh,
+        });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (stopped_tx, stopped) = watch::channel(None);
         let status = view.subscribe();
@@ -259,7 +258,7 @@ impl Endpoint {
                 id,
                 membership,
                 state,
-                mesh: mesh.commands,
+                mesh: commands,
                 dispatch,
                 status,
                 events,

@@ -23,7 +23,7 @@ use super::punching::{self, PunchCtx, MAX_CANDIDATES};
 use crate::control::ControlClient;
 use crate::error::{NodeError, Result};
 use crate::link::{LinkStatus, PathEvent};
-use crate::mesh::{MeshCommand, MeshEvent};
+use crate::mesh::{MeshCommand, MeshEvent, MeshHandle};
 use crate::netmap::{MapChange, NetworkMap};
 use crate::punch::coordinated::Report;
 use crate::state_dir::Membership;
@@ -133,16 +133,16 @@ pub(crate) enum NatProgress {
 
 /// The control session actor (one per endpoint).
 pub(crate) struct Session {
-    pub client: ControlClient,
-    pub membership: Membership,
-    pub advertise: Vec<String>,
-    pub map: NetworkMap,
+    client: ControlClient,
+    membership: Membership,
+    advertise: Vec<String>,
+    map: NetworkMap,
     links: BTreeMap<String, LinkState>,
-    pub view: watch::Sender<NodeStatus>,
-    pub events: Arc<EventLog>,
-    pub link_report_interval: Duration,
-    pub mesh: mpsc::Sender<MeshCommand>,
-    pub mesh_events: mpsc::Receiver<MeshEvent>,
+    view: watch::Sender<NodeStatus>,
+    events: Arc<EventLog>,
+    link_report_interval: Duration,
+    mesh: mpsc::Sender<MeshCommand>,
+    mesh_events: mpsc::Receiver<MeshEvent>,
     /// Where the mesh says this node is reachable (relay circuit, observed
     /// and local addresses); published with `advertise`.
     reachable: Vec<String>,
@@ -159,7 +159,7 @@ pub(crate) struct Session {
     /// When to punch and with what offer (sans-IO).
     punches: PunchCoordinator<PeerId>,
     /// Hands sockets that punches from probe sockets got through to QUIC.
-    pub adopter: Adopter,
+    adopter: Adopter,
     punch_reports_tx: mpsc::Sender<Report>,
     punch_reports_rx: mpsc::Receiver<Report>,
 }
@@ -167,32 +167,33 @@ pub(crate) struct Session {
 /// How a session ended, for [`super::Endpoint::stopped`].
 pub(crate) type Outcome = Result<()>;
 
+/// What the endpoint starts a session with.
+pub(crate) struct Wiring {
+    pub client: ControlClient,
+    pub membership: Membership,
+    /// Extra addresses to publish (`EndpointConfig::advertise`).
+    pub advertise: Vec<String>,
+    pub link_report_interval: Duration,
+    pub view: watch::Sender<NodeStatus>,
+    pub events: Arc<EventLog>,
+    pub mesh: MeshHandle,
+}
+
 impl Session {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        client: ControlClient,
-        membership: Membership,
-        advertise: Vec<String>,
-        view: watch::Sender<NodeStatus>,
-        events: Arc<EventLog>,
-        link_report_interval: Duration,
-        mesh: mpsc::Sender<MeshCommand>,
-        mesh_events: mpsc::Receiver<MeshEvent>,
-        adopter: Adopter,
-    ) -> Self {
+    pub(crate) fn new(w: Wiring) -> Self {
         let (nat_tx, nat_rx) = mpsc::channel(2);
         let (punch_reports_tx, punch_reports_rx) = mpsc::channel(PUNCH_REPORT_QUEUE);
         Self {
-            client,
-            membership,
-            advertise,
+            client: w.client,
+            membership: w.membership,
+            advertise: w.advertise,
             map: NetworkMap::default(),
             links: BTreeMap::new(),
-            view,
-            events,
-            link_report_interval,
-            mesh,
-            mesh_events,
+            view: w.view,
+            events: w.events,
+            link_report_interval: w.link_report_interval,
+            mesh: w.mesh.commands,
+            mesh_events: w.mesh.events,
             reachable: Vec::new(),
             endpoints_dirty: true,
             nat: None,
@@ -202,7 +203,7 @@ impl Session {
             nat_rx,
             verdict: watch::Sender::new(None),
             punches: PunchCoordinator::default(),
-            adopter,
+            adopter: w.mesh.adopter,
             punch_reports_tx,
             punch_reports_rx,
         }
