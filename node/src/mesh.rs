@@ -326,15 +326,6 @@ impl Mesh {
                     let _ = tx.send(LinkInput::DialFailed).await;
                 }
             }
-            swarm::Event::Rtt {
-                peer,
-                connection,
-                rtt,
-            } => {
-                if let Some(tx) = route(&peer) {
-                    let _ = tx.send(LinkInput::Rtt { connection, rtt }).await;
-                }
-            }
             swarm::Event::Link(ev) => {
                 let (peer, input) = match ev {
                     L::Connected {

@@ -141,6 +141,9 @@ pub(crate) struct Session {
     view: watch::Sender<NodeStatus>,
     events: Arc<EventLog>,
     link_report_interval: Duration,
+    /// The link table as last reported, so that an unchanged one is not
+    /// sent again (a new session clears it).
+    last_link_report: Option<Vec<LinkReport>>,
     mesh: mpsc::Sender<MeshCommand>,
     mesh_events: mpsc::Receiver<MeshEvent>,
     /// Where the mesh says this node is reachable (relay circuit, observed
@@ -192,6 +195,7 @@ impl Session {
             view: w.view,
             events: w.events,
             link_report_interval: w.link_report_interval,
+            last_link_report: None,
             mesh: w.mesh.commands,
             mesh_events: w.mesh.events,
             reachable: Vec::new(),
@@ -464,6 +468,7 @@ impl Session {
                 return session_end(s);
             }
         }
+        self.last_link_report = None;
         let mut report = tokio::time::interval(self.link_report_interval);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut links_dirty = true;
@@ -643,7 +648,7 @@ impl Session {
     }
 
     async fn report_links(&mut self) -> Result<(), tonic::Status> {
-        let links = self
+        let links: Vec<LinkReport> = self
             .links
             .iter()
             .map(|(id, l)| LinkReport {
@@ -656,7 +661,12 @@ impl Session {
                 bytes_out: l.bytes_out,
             })
             .collect();
-        self.client.report_links(links).await
+        if self.last_link_report.as_ref() == Some(&links) {
+            return Ok(());
+        }
+        self.client.report_links(links.clone()).await?;
+        self.last_link_report = Some(links);
+        Ok(())
     }
 
     fn set_control(&self, connected: bool, error: Option<String>) {

@@ -60,8 +60,6 @@ const FLOW_QUEUE: usize = 256;
 /// handful; the cap keeps a local program that invents protocol names from
 /// growing the link without bound.
 const MAX_FLOWS: usize = 64;
-/// Pings (one every 500 ms) over which loss is reported: the last 10 s.
-const PING_WINDOW: usize = 20;
 /// Status changes other than a new path are reported at most this often
 /// (byte counters move with every frame).
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
@@ -86,11 +84,6 @@ pub enum LinkInput<S> {
     Stream {
         connection: ConnectionId,
         stream: S,
-    },
-    /// A ping's RTT on a connection, or `None`: it timed out.
-    Rtt {
-        connection: ConnectionId,
-        rtt: Option<Duration>,
     },
     /// From a path's reader task.
     Frame {
@@ -219,9 +212,6 @@ struct Worker<S> {
     inputs_tx: mpsc::Sender<LinkInput<S>>,
     connections: HashMap<ConnectionId, (PathKind, Option<PeerId>)>,
     paths: HashMap<PathId, PathEntry>,
-    rtts: HashMap<ConnectionId, Duration>,
-    /// Outcomes of the last [`PING_WINDOW`] pings per connection.
-    pings: HashMap<ConnectionId, VecDeque<bool>>,
     next_path: u32,
     pending: VecDeque<Bytes>,
     /// The link's own messages (grants) waiting for the path switch's window.
@@ -267,8 +257,6 @@ pub fn spawn<S: PathStream>(
         inputs_tx: input_tx.clone(),
         connections: HashMap::new(),
         paths: HashMap::new(),
-        rtts: HashMap::new(),
-        pings: HashMap::new(),
         next_path: 0,
         pending: VecDeque::new(),
         control: VecDeque::new(),
@@ -485,8 +473,6 @@ impl<S: PathStream> Worker<S> {
             }
             LinkInput::Disconnected { connection } => {
                 self.remove_connection(connection, now);
-                self.rtts.remove(&connection);
-                self.pings.remove(&connection);
                 let dead: Vec<PathId> = self
                     .paths
                     .iter()
@@ -505,16 +491,6 @@ impl<S: PathStream> Worker<S> {
                     .get(&connection)
                     .map_or(PathKind::Relay, |(k, _)| *k);
                 self.add_path(connection, kind, stream, now);
-            }
-            LinkInput::Rtt { connection, rtt } => {
-                if let Some(rtt) = rtt {
-                    self.rtts.insert(connection, rtt);
-                }
-                let log = self.pings.entry(connection).or_default();
-                if log.len() == PING_WINDOW {
-                    log.pop_front();
-                }
-                log.push_back(rtt.is_some());
             }
             LinkInput::Frame { path, frame } => {
                 self.status.bytes_in += frame.len() as u64;
@@ -687,20 +663,20 @@ impl<S: PathStream> Worker<S> {
                 return false;
             }
         }
-        let active = self.switch.active_path().and_then(|id| self.paths.get(&id));
+        let active_id = self.switch.active_path();
+        let active = active_id.and_then(|id| self.paths.get(&id));
+        let stats = active_id.and_then(|id| self.switch.path_stats(id));
         self.status.path = active.map(|p| p.kind);
-        self.status.rtt_ms = active
-            .and_then(|p| self.rtts.get(&p.connection))
-            .map(|d| d.as_secs_f64() * 1e3);
+        // The path switch's own measure: smoothed over acknowledged data and
+        // its probes (to 10 µs, so that noise below that is no change).
+        self.status.rtt_ms = stats
+            .as_ref()
+            .and_then(|s| s.rtt.or(s.probe_rtt))
+            .map(|d| (d.as_secs_f64() * 1e5).round() / 100.0);
         self.status.via = active
             .and_then(|p| self.connections.get(&p.connection))
             .and_then(|(_, via)| *via);
-        self.status.loss = active
-            .and_then(|p| self.pings.get(&p.connection))
-            .filter(|log| !log.is_empty())
-            .map_or(0.0, |log| {
-                log.iter().filter(|ok| !**ok).count() as f64 / log.len() as f64
-            });
+        self.status.loss = stats.and_then(|s| s.probe_loss()).unwrap_or(0.0);
         let now = clock();
         let due = match &self.last_status_sent {
             None => true,

@@ -211,6 +211,19 @@ async fn a_stream_moves_from_relay_to_direct_and_back_exactly_once() {
     send_numbered(&mut a, "r", 300).await.unwrap();
     expect_numbered(&mut b, a.id, "r", 300).await;
     wait_path(&mut a, Some(PathKind::Relay)).await;
+    // The RTT in the link's status is the path switch's own (from ACKs of
+    // the data just sent), with no extra pings on the connection.
+    tokio::time::timeout(EXPECT, async {
+        loop {
+            if let LinkOutput::Status(_, st) = a.out.recv().await.expect("worker alive") {
+                if st.rtt_ms.is_some() {
+                    break;
+                }
+            }
+        }
+    })
+    .await
+    .expect("a status with the path's RTT");
 
     let direct = connect(&a, &b, 2, PathKind::Direct).await;
     let during = send_numbered(&mut a, "d", 300);

@@ -11,6 +11,7 @@
 pub mod forward;
 pub mod link_protocol;
 pub mod punched;
+mod relay_ping;
 #[cfg(test)]
 mod tests;
 
@@ -33,18 +34,19 @@ use peermesh_relay::config::per_peer_rates;
 use peermesh_relay::{quic_addr, IDENTIFY_PROTOCOL};
 
 /// A QUIC connection that has heard nothing from the other side for this
-/// long is closed, which takes its path down in the link worker so that the
-/// stream moves to another path. libp2p's default (10 s) left a cut direct
-/// path holding the stream still for 10 s before the relay took over. The
-/// peer's value may lower it (QUIC uses the smaller of the two).
-const QUIC_IDLE_TIMEOUT_MS: u32 = 3_000;
+/// long is closed. A link does not wait for it: its path switch finds a
+/// silent path dead within a second of using it and moves the stream; this
+/// only reclaims connections nobody probes. The peer's value may lower it
+/// (QUIC uses the smaller of the two).
+const QUIC_IDLE_TIMEOUT_MS: u32 = 15_000;
 /// Keep-alive PINGs, so that a live but quiet connection is never idle for
-/// [`QUIC_IDLE_TIMEOUT_MS`].
-const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
-/// Pings on every connection: RTT for link status and home-relay choice,
-/// and the death of a relay (a killed relay sends no CONNECTION_CLOSE).
-/// A relay that misses one ping's timeout is dropped and the node moves to
-/// the next-best relay (seed 001), well inside the QUIC idle timeout.
+/// [`QUIC_IDLE_TIMEOUT_MS`] and its NAT mappings stay open (home routers
+/// keep an idle UDP mapping for 30 s or more; Linux's conntrack for 30 s).
+const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// Pings on relay connections (only; see [`relay_ping`]): RTT for the
+/// home-relay choice, and the death of a relay (a killed relay sends no
+/// CONNECTION_CLOSE). A relay that misses one ping's timeout is dropped
+/// and the node moves to the next-best relay (seed 001).
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 const PING_TIMEOUT: Duration = Duration::from_millis(1000);
 /// A connection that carries nothing (no stream, no circuit) is closed after
@@ -89,7 +91,7 @@ pub struct MeshBehaviour {
     /// Off with `--no-forward`.
     forward: Toggle<forward::Forward>,
     identify: identify::Behaviour,
-    ping: ping::Behaviour,
+    ping: relay_ping::RelayPing,
     link: link_protocol::Behaviour,
 }
 
@@ -145,13 +147,6 @@ pub enum Event {
     Reachable(Vec<Multiaddr>),
     HomeRelay(Option<PeerId>),
     Link(link_protocol::Event),
-    /// A ping on a member's connection: its RTT, or `None` when it timed
-    /// out (counted as loss).
-    Rtt {
-        peer: PeerId,
-        connection: ConnectionId,
-        rtt: Option<Duration>,
-    },
     /// A dial to this peer failed.
     DialFailed {
         peer: PeerId,
@@ -275,7 +270,7 @@ pub fn spawn(
                 IDENTIFY_PROTOCOL.into(),
                 key.public(),
             )),
-            ping: ping::Behaviour::new(
+            ping: relay_ping::RelayPing::new(
                 ping::Config::new()
                     .with_interval(PING_INTERVAL)
                     .with_timeout(PING_TIMEOUT),
@@ -348,6 +343,10 @@ impl Task {
                     self.swarm.behaviour_mut().allow.disallow_peer(*gone);
                 }
                 self.relays.retain(|id, _| ids.contains(id));
+                self.swarm
+                    .behaviour_mut()
+                    .ping
+                    .set_relays(ids.iter().copied());
                 for id in &ids {
                     self.swarm.behaviour_mut().allow.allow_peer(*id);
                 }
@@ -628,50 +627,26 @@ impl Task {
                     self.choose_home();
                 }
             }
+            // Pings run on relay connections only (see `relay_ping`).
             SwarmEvent::Behaviour(MeshBehaviourEvent::Ping(ping::Event {
                 peer,
-                connection,
                 result: Ok(rtt),
+                ..
             })) => {
                 if let Some(r) = self.relays.get_mut(&peer) {
                     r.rtt = Some(rtt);
                     if self.home.is_none() {
                         self.choose_home();
                     }
-                } else {
-                    emit(
-                        &self.events,
-                        Event::Rtt {
-                            peer,
-                            connection,
-                            rtt: Some(rtt),
-                        },
-                    )
-                    .await;
                 }
             }
             SwarmEvent::Behaviour(MeshBehaviourEvent::Ping(ping::Event {
                 peer,
                 connection,
                 result: Err(error),
-            })) if self.relays.contains_key(&peer) => {
+            })) => {
                 tracing::warn!(relay = %peer, %error, home = self.home == Some(peer), "relay silent; dropping its connection");
                 self.swarm.close_connection(connection);
-            }
-            SwarmEvent::Behaviour(MeshBehaviourEvent::Ping(ping::Event {
-                peer,
-                connection,
-                result: Err(_),
-            })) => {
-                emit(
-                    &self.events,
-                    Event::Rtt {
-                        peer,
-                        connection,
-                        rtt: None,
-                    },
-                )
-                .await;
             }
             // A relay's view of our address is the public one (seed 001).
             SwarmEvent::Behaviour(MeshBehaviourEvent::Identify(identify::Event::Received {

@@ -81,7 +81,6 @@ impl Node {
         loop {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
                 Ok(Some(e)) if pred(&e) => return e,
-                Ok(Some(Event::Rtt { .. })) => {}
                 Ok(Some(e)) => self.backlog.push_back(e),
                 Ok(None) => panic!("{}: the swarm task ended waiting for {what}", self.name),
                 Err(_) => panic!(
@@ -369,26 +368,6 @@ async fn a_dial_where_nobody_listens_fails() {
     )
     .await;
     assert!(a.link_events_about(ghost).is_empty(), "{:#?}", a.backlog);
-}
-
-#[tokio::test]
-async fn pings_report_the_rtt_of_a_member_connection() {
-    let (mut a, mut b) = tokio::join!(Node::start("a", false), Node::start("b", false));
-    allow_each_other(&a, &b).await;
-    let (ca, cb) = connect_direct(&mut a, &mut b).await;
-    let (ida, idb) = (a.id, b.id);
-    for (n, peer, conn) in [(&mut a, idb, ca), (&mut b, ida, cb)] {
-        let e = n
-            .wait_for("an RTT", |e| {
-                matches!(e, Event::Rtt { peer: p, connection, rtt: Some(_) }
-                    if *p == peer && *connection == conn)
-            })
-            .await;
-        let Event::Rtt { rtt: Some(rtt), .. } = e else {
-            unreachable!()
-        };
-        assert!(rtt < PATIENCE, "{rtt:?}");
-    }
 }
 
 /// A plain libp2p relay v2 server on QUIC (what `peermesh_relay::run`

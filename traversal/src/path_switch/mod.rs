@@ -43,6 +43,11 @@ const MAX_BACKOFF: u32 = 8;
 /// Pending PING answers and outstanding probes are few; bound them anyway.
 const MAX_CONTROL: usize = 16;
 const MAX_EVENTS: usize = 64;
+/// Probe outcomes kept per path for [`PathStats::probe_loss`].
+pub const PROBE_LOG: usize = 20;
+/// A probe unanswered this long is counted lost (when liveness is off; with
+/// liveness, after the path's dead-after time).
+const PROBE_LOST_AFTER: Duration = Duration::from_secs(2);
 
 /// A path to the peer, named by the caller (for example the index of the relay
 /// connection or the punched socket).
@@ -77,13 +82,26 @@ pub struct Config {
 /// a cut route leaves a connection looking open for seconds (QUIC notices
 /// only at its idle timeout), while traffic should go back to the relay at
 /// once (seed 000).
+///
+/// A path is dead when it does not answer, not when it is quiet: silence on
+/// an idle link proves nothing and costs nothing. While the link is in use
+/// (messages sent or received within [`Liveness::in_use_for`]) or a path
+/// owes an answer, a path not heard from is probed every `probe_after`; an
+/// idle link's paths only every `idle_probe_after` (Tailscale's heartbeat
+/// is 3 s and stops for idle peers).
 #[derive(Clone, Debug)]
 pub struct Liveness {
-    /// A path not heard from for this long is sent a PING (the peer answers
-    /// every PING on the path it came from).
+    /// A path of a link in use not heard from for this long is sent a PING
+    /// (the peer answers every PING on the path it came from).
     pub probe_after: Duration,
-    /// A path not heard from for this long (or eight smoothed RTTs, if more)
-    /// is taken down and reported as [`Event::PathDead`].
+    /// A path of an idle link not heard from for this long is sent a PING:
+    /// a dead path is found before it is needed, and rarely.
+    pub idle_probe_after: Duration,
+    /// A link is in use this long after its last message either way.
+    pub in_use_for: Duration,
+    /// A path that has not answered for this long (or eight smoothed RTTs,
+    /// if more) since the first DATA or PING sent on it after it was last
+    /// heard is taken down and reported as [`Event::PathDead`].
     pub dead_after: Duration,
 }
 
@@ -91,7 +109,9 @@ impl Default for Liveness {
     fn default() -> Self {
         Self {
             probe_after: Duration::from_millis(250),
-            dead_after: Duration::from_millis(1200),
+            idle_probe_after: Duration::from_secs(10),
+            in_use_for: Duration::from_secs(5),
+            dead_after: Duration::from_millis(1000),
         }
     }
 }
@@ -164,6 +184,18 @@ pub struct PathStats {
     pub rtt: Option<Duration>,
     /// RTT of the last answered probe.
     pub probe_rtt: Option<Duration>,
+    /// Of the last [`PROBE_LOG`] probes on this path whose outcome is
+    /// known, how many went unanswered, and how many there are.
+    pub probes_lost: u32,
+    pub probes_known: u32,
+}
+
+impl PathStats {
+    /// Share of recent probes that went unanswered (`None` before the first
+    /// outcome).
+    pub fn probe_loss(&self) -> Option<f64> {
+        (self.probes_known > 0).then(|| self.probes_lost as f64 / self.probes_known as f64)
+    }
 }
 
 /// Counters of the whole stream: what went wrong and how often.
@@ -238,6 +270,11 @@ struct Path {
     /// Last frame from the peer on this path (or when it came up).
     last_heard: Instant,
     last_probe: Option<Instant>,
+    /// First DATA or PING sent on this path since it was last heard: the
+    /// path owes an answer since then.
+    awaiting: Option<Instant>,
+    /// Outcomes of the last [`PROBE_LOG`] probes (answered or not).
+    probe_log: VecDeque<bool>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -299,6 +336,8 @@ pub struct PathSwitch {
     next_nonce: u64,
     events: VecDeque<Event>,
     stats: Stats,
+    /// Last DATA sent or received: the link is in use for a while after.
+    last_activity: Option<Instant>,
 }
 
 impl PathSwitch {
@@ -340,6 +379,7 @@ impl PathSwitch {
             next_nonce: 0,
             events: VecDeque::new(),
             stats: Stats::default(),
+            last_activity: None,
         }
     }
 
@@ -408,6 +448,7 @@ impl PathSwitch {
                 p.kind = kind;
                 p.reliable = reliable;
                 p.last_heard = now;
+                p.awaiting = None;
                 p.stats.kind = kind;
                 p.stats.reliable = reliable;
                 if self.active == Some(id) {
@@ -424,6 +465,8 @@ impl PathSwitch {
                         rtt: Rtt::new(),
                         last_heard: now,
                         last_probe: None,
+                        awaiting: None,
+                        probe_log: VecDeque::new(),
                         stats: PathStats {
                             kind,
                             reliable,
@@ -434,9 +477,19 @@ impl PathSwitch {
                             retransmits: 0,
                             rtt: None,
                             probe_rtt: None,
+                            probes_lost: 0,
+                            probes_known: 0,
                         },
                     },
                 );
+                // A new path is measured at once (its RTT for status and
+                // path choice), not at the first idle probe seconds later.
+                if self.cfg.liveness.is_some() {
+                    self.send_ping(id, now);
+                    if let Some(p) = self.paths.get_mut(&id) {
+                        p.last_probe = Some(now);
+                    }
+                }
             }
         }
         self.reselect(now);
@@ -496,6 +549,8 @@ impl PathSwitch {
         let p = self.paths.get(&id)?;
         let mut s = p.stats.clone();
         s.rtt = p.rtt.srtt;
+        s.probes_lost = p.probe_log.iter().filter(|ok| !**ok).count() as u32;
+        s.probes_known = p.probe_log.len() as u32;
         Some(s)
     }
 
@@ -524,6 +579,7 @@ impl PathSwitch {
         let known = match self.paths.get_mut(&id) {
             Some(p) => {
                 p.last_heard = now;
+                p.awaiting = None;
                 p.stats.frames_in += 1;
                 p.stats.bytes_in += bytes.len() as u64;
                 true
@@ -553,6 +609,7 @@ impl PathSwitch {
                     if let Some(p) = self.paths.get_mut(&path) {
                         p.rtt.sample(rtt);
                         p.stats.probe_rtt = Some(rtt);
+                        log_probe(p, true);
                     }
                     self.event(Event::ProbeRtt { path, rtt });
                 }
@@ -719,9 +776,16 @@ impl PathSwitch {
         let nonce = self.next_nonce;
         self.next_nonce = self.next_nonce.wrapping_add(1);
         if self.pings.len() >= MAX_CONTROL {
-            self.pings.pop_front();
+            if let Some((_, path, _)) = self.pings.pop_front() {
+                if let Some(p) = self.paths.get_mut(&path) {
+                    log_probe(p, false);
+                }
+            }
         }
         self.pings.push_back((nonce, id, now));
+        if let Some(p) = self.paths.get_mut(&id) {
+            p.awaiting.get_or_insert(now);
+        }
         push_bounded(&mut self.control, (id, Frame::Ping { nonce }), MAX_CONTROL);
         nonce
     }
@@ -743,29 +807,64 @@ impl PathSwitch {
         self.paths
             .values()
             .map(|p| {
-                let probe =
-                    p.last_probe.map_or(p.last_heard, |t| t.max(p.last_heard)) + l.probe_after;
-                probe.min(p.last_heard + Self::dead_after(l, p))
+                let probe = self.probe_due(l, p);
+                p.awaiting
+                    .map_or(probe, |a| probe.min(a + Self::dead_after(l, p)))
             })
             .min()
+    }
+
+    /// When `p` is next sent a liveness PING: soon while the link is in use
+    /// or the path owes an answer, rarely while all is idle. A function of
+    /// state only, so the timer and the check always agree.
+    fn probe_due(&self, l: &Liveness, p: &Path) -> Instant {
+        let base = p.last_probe.map_or(p.last_heard, |t| t.max(p.last_heard));
+        let soon = base + l.probe_after;
+        let in_use_until = self.last_activity.map(|t| t + l.in_use_for);
+        if p.awaiting.is_some() || in_use_until.is_some_and(|u| soon <= u) {
+            soon
+        } else {
+            base + l.idle_probe_after.max(l.probe_after)
+        }
     }
 
     fn dead_after(l: &Liveness, p: &Path) -> Duration {
         p.rtt.srtt.map_or(l.dead_after, |s| l.dead_after.max(s * 8))
     }
 
+    /// Probes unanswered for long are logged as lost.
+    fn expire_probes(&mut self, now: Instant) {
+        let lost_after = |paths: &BTreeMap<PathId, Path>, path: &PathId| match (
+            &self.cfg.liveness,
+            paths.get(path),
+        ) {
+            (Some(l), Some(p)) => Self::dead_after(l, p),
+            _ => PROBE_LOST_AFTER,
+        };
+        while let Some(&(_, path, at)) = self.pings.front() {
+            if now < at + lost_after(&self.paths, &path) {
+                break;
+            }
+            self.pings.pop_front();
+            if let Some(p) = self.paths.get_mut(&path) {
+                log_probe(p, false);
+            }
+        }
+    }
+
     fn check_liveness(&mut self, now: Instant) {
+        self.expire_probes(now);
         let Some(l) = self.cfg.liveness.clone() else {
             return;
         };
         let mut dead = Vec::new();
         let mut probe = Vec::new();
         for (id, p) in &self.paths {
-            if now >= p.last_heard + Self::dead_after(&l, p) {
-                dead.push(*id);
-            } else if now
-                >= p.last_probe.map_or(p.last_heard, |t| t.max(p.last_heard)) + l.probe_after
+            if p.awaiting
+                .is_some_and(|a| now >= a + Self::dead_after(&l, p))
             {
+                dead.push(*id);
+            } else if now >= self.probe_due(&l, p) {
                 probe.push(*id);
             }
         }
@@ -837,6 +936,7 @@ impl PathSwitch {
             });
         }
         self.rx_any = true;
+        self.last_activity = Some(now);
         self.ack_path = Some(id);
         if seq < self.rx_next || self.reorder.contains_key(&seq) {
             // The sender retransmits only when it lacks an ACK: answer at once.
@@ -971,6 +1071,10 @@ impl PathSwitch {
     }
 
     fn emit_data(&mut self, path: PathId, seq: u64, now: Instant) -> Transmit {
+        self.last_activity = Some(now);
+        if let Some(p) = self.paths.get_mut(&path) {
+            p.awaiting.get_or_insert(now);
+        }
         let i = (seq - self.base) as usize;
         let e = &mut self.entries[i];
         let count = e.sent.map_or(0, |s| s.count) + 1;
@@ -1018,4 +1122,12 @@ fn push_bounded<T>(q: &mut VecDeque<T>, item: T, cap: usize) {
         q.pop_front();
     }
     q.push_back(item);
+}
+
+/// Records one probe outcome on `p`, keeping the last [`PROBE_LOG`].
+fn log_probe(p: &mut Path, answered: bool) {
+    if p.probe_log.len() == PROBE_LOG {
+        p.probe_log.pop_front();
+    }
+    p.probe_log.push_back(answered);
 }

@@ -600,6 +600,9 @@ fn a_silent_path_is_probed_then_declared_dead_and_traffic_moves_to_the_relay() {
     let cfg = Config {
         liveness: Some(Liveness {
             probe_after: ms(250),
+            // Probed as often as a link in use.
+            idle_probe_after: ms(250),
+            in_use_for: ms(5000),
             dead_after: ms(1200),
         }),
         ..Config::default()
@@ -612,28 +615,52 @@ fn a_silent_path_is_probed_then_declared_dead_and_traffic_moves_to_the_relay() {
         while ep.poll_event().is_some() {}
     }
     assert_eq!(a.active_path(), Some(DIRECT));
-    assert_eq!(a.poll_timeout(), Some(t0 + ms(250)));
-    // Both paths are probed after 250 ms of silence; only the relay answers
-    // (the direct path was cut).
-    let mut now = t0 + ms(250);
+    // Each new path is measured at once: a PING on each. Only the relay
+    // answers (the direct path was cut), and the direct path owes an
+    // answer from now on.
     let mut direct_pings = 0;
+    for t in drain(&mut a, t0) {
+        assert!(matches!(decode(&t.frame).unwrap(), Frame::Ping { .. }));
+        if t.path == DIRECT {
+            direct_pings += 1;
+            continue;
+        }
+        b.on_frame(RELAY, &t.frame, t0 + ms(1)).unwrap();
+        for r in drain(&mut b, t0 + ms(1)) {
+            if r.path == RELAY {
+                a.on_frame(r.path, &r.frame, t0 + ms(2)).unwrap();
+            }
+        }
+    }
+    assert_eq!(direct_pings, 1);
+    // Both paths are probed again after 250 ms of silence.
+    assert_eq!(a.poll_timeout(), Some(t0 + ms(250)));
+    let mut now = t0 + ms(250);
     while now < t0 + ms(1200) {
         a.handle_timeout(now);
+        b.handle_timeout(now);
         for t in drain(&mut a, now) {
-            assert!(matches!(decode(&t.frame).unwrap(), Frame::Ping { .. }));
             if t.path == DIRECT {
+                assert!(matches!(decode(&t.frame).unwrap(), Frame::Ping { .. }));
                 direct_pings += 1;
                 continue;
             }
             b.on_frame(RELAY, &t.frame, now + ms(1)).unwrap();
-            for r in drain(&mut b, now + ms(1)) {
+        }
+        // B's answers and its own probes: only those on the relay arrive.
+        for r in drain(&mut b, now + ms(1)) {
+            if r.path == RELAY {
                 a.on_frame(r.path, &r.frame, now + ms(2)).unwrap();
             }
         }
         assert!(a.active_path() == Some(DIRECT), "not dead before 1.2 s");
         now = a.poll_timeout().unwrap().max(now + ms(1));
     }
-    assert!(direct_pings >= 3, "probed {direct_pings} times");
+    assert!(direct_pings >= 4, "probed {direct_pings} times");
+    // Every relay probe was answered; no direct one yet (none has been
+    // unanswered for the whole dead-after time).
+    assert_eq!(a.path_stats(RELAY).unwrap().probe_loss(), Some(0.0));
+    assert_eq!(a.path_stats(DIRECT).unwrap().probes_known, 0);
     a.handle_timeout(t0 + ms(1200));
     let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
     assert!(events.contains(&Event::PathDead(DIRECT)), "{events:?}");
@@ -644,8 +671,132 @@ fn a_silent_path_is_probed_then_declared_dead_and_traffic_moves_to_the_relay() {
     assert_eq!(a.active_path(), Some(RELAY));
     assert!(a.path_stats(DIRECT).is_none());
     // The relay, heard all along, stays.
-    a.handle_timeout(t0 + ms(1300));
+    a.handle_timeout(t0 + ms(1500));
     assert_eq!(a.active_path(), Some(RELAY));
+}
+
+/// Runs `a` and `b` (both paths connected both ways, or only the relay if
+/// `direct_cut`) until `until`; returns the PINGs `a` sent per path.
+fn run_pair(
+    a: &mut PathSwitch,
+    b: &mut PathSwitch,
+    from: Instant,
+    until: Instant,
+    direct_cut: bool,
+) -> (usize, usize) {
+    let (mut relay_pings, mut direct_pings) = (0, 0);
+    let mut now = from;
+    while now < until {
+        a.handle_timeout(now);
+        b.handle_timeout(now);
+        let mut moved = true;
+        while moved {
+            moved = false;
+            for t in drain(a, now) {
+                moved = true;
+                if matches!(decode(&t.frame).unwrap(), Frame::Ping { .. }) {
+                    *if t.path == DIRECT {
+                        &mut direct_pings
+                    } else {
+                        &mut relay_pings
+                    } += 1;
+                }
+                if !(direct_cut && t.path == DIRECT) {
+                    b.on_frame(t.path, &t.frame, now).unwrap();
+                }
+            }
+            for t in drain(b, now) {
+                moved = true;
+                if !(direct_cut && t.path == DIRECT) {
+                    a.on_frame(t.path, &t.frame, now).unwrap();
+                }
+            }
+        }
+        let next = [a.poll_timeout(), b.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(until);
+        now = next.max(now + ms(1)).min(until);
+        if now == until {
+            break;
+        }
+    }
+    (relay_pings, direct_pings)
+}
+
+fn two_paths_up(t0: Instant) -> (PathSwitch, PathSwitch) {
+    let cfg = Config {
+        liveness: Some(Liveness::default()),
+        ..Config::default()
+    };
+    let mut a = PathSwitch::new(cfg.clone());
+    let mut b = PathSwitch::new(cfg);
+    for ep in [&mut a, &mut b] {
+        ep.path_up(RELAY, PathKind::Relay, true, t0);
+        ep.path_up(DIRECT, PathKind::Direct, true, t0);
+        while ep.poll_event().is_some() {}
+    }
+    (a, b)
+}
+
+#[test]
+fn an_idle_link_is_probed_rarely_and_a_quiet_path_is_not_dead() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = two_paths_up(t0);
+    let idle = Liveness::default().idle_probe_after;
+    // A minute with nothing to say: each path is probed about once per
+    // idle interval (by one side or the other), and stays up.
+    let (relay, direct) = run_pair(&mut a, &mut b, t0, t0 + Duration::from_secs(60), false);
+    let most = (60 / idle.as_secs()) as usize + 1;
+    assert!(relay <= most && direct <= most, "{relay} {direct} PINGs");
+    assert!(direct >= 1, "an idle path is still probed now and then");
+    assert_eq!(a.active_path(), Some(DIRECT));
+    assert_eq!(b.active_path(), Some(DIRECT));
+    assert!(std::iter::from_fn(|| a.poll_event()).all(|e| !matches!(e, Event::PathDead(_))));
+}
+
+#[test]
+fn an_idle_path_that_died_is_found_as_soon_as_the_link_is_used() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = two_paths_up(t0);
+    let l = Liveness::default();
+    // Idle for 30 s, then the direct path is cut, quietly, between probes.
+    let cut = t0 + Duration::from_secs(30) + ms(100);
+    run_pair(&mut a, &mut b, t0, cut, false);
+    assert_eq!(a.active_path(), Some(DIRECT));
+    // A message goes out on the (dead) direct path: it owes an answer from
+    // then on, is probed fast, and is taken down `dead_after` later; the
+    // message arrives once, over the relay.
+    a.send(Bytes::from_static(b"hello")).unwrap();
+    let sent = cut;
+    run_pair(&mut a, &mut b, sent, sent + l.dead_after + ms(100), true);
+    let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+    assert!(events.contains(&Event::PathDead(DIRECT)), "{events:?}");
+    assert_eq!(a.active_path(), Some(RELAY));
+    assert_eq!(b.poll_deliver().as_deref(), Some(&b"hello"[..]));
+    assert_eq!(b.poll_deliver(), None);
+    assert_eq!(a.unacked(), 0);
+}
+
+#[test]
+fn a_link_in_use_probes_fast_then_slows_down_when_idle() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = two_paths_up(t0);
+    let l = Liveness::default();
+    // A message now: for `in_use_for` the relay (not carrying it) is probed
+    // every `probe_after`...
+    a.send(Bytes::from_static(b"m")).unwrap();
+    let (relay, _) = run_pair(&mut a, &mut b, t0, t0 + l.in_use_for, false);
+    let fast = (l.in_use_for.as_millis() / l.probe_after.as_millis()) as usize;
+    assert!(
+        relay + 2 >= fast,
+        "{relay} relay PINGs in use, expected ~{fast}"
+    );
+    // ...then only every `idle_probe_after`.
+    let later = t0 + l.in_use_for + l.idle_probe_after * 3;
+    let (relay, _) = run_pair(&mut a, &mut b, t0 + l.in_use_for, later, false);
+    assert!(relay <= 4, "{relay} relay PINGs while idle");
 }
 
 #[test]
@@ -658,6 +809,14 @@ fn a_busy_path_is_never_probed_and_liveness_is_off_by_default() {
     a.path_up(DIRECT, PathKind::Direct, true, t0);
     let mut b = PathSwitch::new(Config::default());
     b.path_up(DIRECT, PathKind::Direct, true, t0);
+    // The new path's first PING (its RTT), answered.
+    for t in drain(&mut a, t0) {
+        b.on_frame(DIRECT, &t.frame, t0).unwrap();
+    }
+    for t in drain(&mut b, t0) {
+        a.on_frame(DIRECT, &t.frame, t0).unwrap();
+    }
+    assert!(a.path_stats(DIRECT).unwrap().probe_rtt.is_some());
     // B talks every 100 ms: A never probes and never gives up on the path.
     for i in 1..50u64 {
         let now = t0 + ms(100 * i);
