@@ -437,16 +437,18 @@ fn body(m: &mut MeshLab) -> Result<()> {
         cmd.args(["v", "--count", &FLOOD.to_string(), "--prefix", "flood"]);
         Client::spawn(cmd, dir.join("flood-send.err"))?
     };
-    // It is on once v has taken in a window's worth of it.
-    poll(
-        SLOW,
+    // It is on once v has taken in a window's worth of it. Checked after
+    // what must not suffer from it, so that a node that falls to it fails
+    // on the harm done first.
+    let arrived = poll(
+        Duration::from_secs(10),
         Duration::from_millis(10),
         "the flood to reach v",
         || {
             let now = v.peer("f")?.bytes_in;
             (now >= f_bytes_before + WINDOW * "flood-0".len() as u64).then_some(())
         },
-    )?;
+    );
     let t_flood = Instant::now();
     eprintln!("[{:.1?}] f is flooding v", t0.elapsed());
 
@@ -546,11 +548,13 @@ fn body(m: &mut MeshLab) -> Result<()> {
         );
     }
 
-    // The pushback stayed with f's flow: its send waits, and v took in
-    // only about a window of the flood.
+    // The flood reached v; the pushback stayed with f's flow: its send
+    // waits, and v took in only about a window of the flood.
+    arrived.with_context(|| format!("v's link to f: {:?}", v.peer("f")))?;
     ensure!(
         flood_still_sending,
-        "f's send of {FLOOD} messages finished while nothing read them on v"
+        "f's send of {FLOOD} messages ended while nothing read them on v: {}",
+        std::fs::read_to_string(&flood.stderr).unwrap_or_default()
     );
     let flood_bytes = (FLOOD * "flood-00000".len()) as u64;
     eprintln!("v took in {f_bytes_during} bytes from f during the flood (the flood is {flood_bytes} bytes of messages)");
