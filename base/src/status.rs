@@ -34,6 +34,14 @@ pub struct PeerStatus {
     /// Hole punching towards this peer over the link's life.
     #[serde(default)]
     pub punch: PunchStats,
+    /// Messages from this peer for a protocol that nothing on this node
+    /// runs: dropped and counted.
+    #[serde(default)]
+    pub undeliverable: u64,
+    /// Messages from this peer beyond the credit its protocol was granted:
+    /// dropped and counted (a member that floods is not obeyed).
+    #[serde(default)]
+    pub flooded: u64,
 }
 
 /// What the hole puncher did for one link, for status and benchmarks.
@@ -137,11 +145,23 @@ mod tests {
             mesh_ipv4: None,
             mesh_ipv6: None,
             punch: PunchStats::default(),
+            undeliverable: 0,
+            flooded: 0,
         };
         let v = serde_json::to_value(&p).unwrap();
         assert_eq!(v["path"], "connecting");
-        let back: PeerStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(
+            (v["flooded"].as_u64(), v["undeliverable"].as_u64()),
+            (Some(0), Some(0))
+        );
+        let back: PeerStatus = serde_json::from_value(v.clone()).unwrap();
         assert_eq!(back, p);
+        // A status from before the drop counters reads as none dropped.
+        let mut old = v;
+        let fields = old.as_object_mut().unwrap();
+        fields.remove("flooded");
+        fields.remove("undeliverable");
+        assert_eq!(serde_json::from_value::<PeerStatus>(old).unwrap(), p);
         let mut direct = serde_json::to_value(&p).unwrap();
         direct["path"] = "direct".into();
         let d: PeerStatus = serde_json::from_value(direct).unwrap();

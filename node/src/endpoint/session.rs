@@ -43,6 +43,8 @@ struct LinkState {
     bytes_in: u64,
     bytes_out: u64,
     punch: PunchStats,
+    undeliverable: u64,
+    flooded: u64,
 }
 
 impl LinkState {
@@ -53,6 +55,8 @@ impl LinkState {
         self.rtt_ms = s.rtt_ms;
         self.bytes_in = s.bytes_in;
         self.bytes_out = s.bytes_out;
+        self.undeliverable = s.undeliverable;
+        self.flooded = s.flooded;
     }
 
     fn new() -> Self {
@@ -64,6 +68,8 @@ impl LinkState {
             bytes_in: 0,
             bytes_out: 0,
             punch: PunchStats::default(),
+            undeliverable: 0,
+            flooded: 0,
         }
     }
 }
@@ -708,6 +714,8 @@ impl Session {
                     mesh_ipv4: Some(p.mesh_ipv4.clone()).filter(|a| !a.is_empty()),
                     mesh_ipv6: Some(p.mesh_ipv6.clone()).filter(|a| !a.is_empty()),
                     punch: l.punch,
+                    undeliverable: l.undeliverable,
+                    flooded: l.flooded,
                 })
             })
             .collect();
@@ -792,5 +800,19 @@ mod tests {
         assert!(b.step() < Backoff::MAX + Duration::from_millis(Backoff::JITTER_MS));
         b.reset();
         assert!(b.step() < Backoff::FIRST + Duration::from_millis(Backoff::JITTER_MS));
+    }
+
+    #[test]
+    fn a_links_drop_counters_reach_the_status() {
+        let mut l = LinkState::new();
+        l.apply(&LinkStatus {
+            path: Some(PathKind::Direct),
+            bytes_in: 7,
+            undeliverable: 3,
+            flooded: 5,
+            ..LinkStatus::default()
+        });
+        assert_eq!((l.path, l.bytes_in), (Some(PathKind::Direct), 7));
+        assert_eq!((l.undeliverable, l.flooded), (3, 5));
     }
 }
