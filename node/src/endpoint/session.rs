@@ -20,13 +20,13 @@ use tonic::Code;
 
 use super::events::EventLog;
 use super::punching::{self, PunchCtx, MAX_CANDIDATES};
-use crate::control::ControlClient;
+use crate::control::{ControlClient, MapError};
 use crate::error::{NodeError, Result};
 use crate::link::{LinkStatus, PathEvent};
 use crate::mesh::{MeshCommand, MeshEvent, MeshHandle};
 use crate::netmap::{MapChange, NetworkMap};
 use crate::punch::coordinated::Report;
-use crate::state_dir::Membership;
+use crate::state_dir::{Membership, StateDir};
 use crate::swarm::punched::Adopter;
 use crate::swarm::RelayEntry;
 
@@ -135,6 +135,8 @@ pub(crate) enum NatProgress {
 pub(crate) struct Session {
     client: ControlClient,
     membership: Membership,
+    /// Where the membership is kept (a rotated server key is saved there).
+    state: StateDir,
     advertise: Vec<String>,
     map: NetworkMap,
     links: BTreeMap<String, LinkState>,
@@ -171,6 +173,7 @@ pub(crate) type Outcome = Result<()>;
 pub(crate) struct Wiring {
     pub client: ControlClient,
     pub membership: Membership,
+    pub state: StateDir,
     /// Extra addresses to publish (`EndpointConfig::advertise`).
     pub advertise: Vec<String>,
     pub link_report_interval: Duration,
@@ -184,10 +187,11 @@ impl Session {
         let (nat_tx, nat_rx) = mpsc::channel(2);
         let (punch_reports_tx, punch_reports_rx) = mpsc::channel(PUNCH_REPORT_QUEUE);
         Self {
+            map: NetworkMap::of_node(w.membership.node_id.clone()),
             client: w.client,
             membership: w.membership,
+            state: w.state,
             advertise: w.advertise,
-            map: NetworkMap::default(),
             links: BTreeMap::new(),
             view: w.view,
             events: w.events,
@@ -500,6 +504,7 @@ impl Session {
                 }
                 msg = stream.message() => match msg {
                     Ok(Some(update)) => {
+                        self.save_server_key();
                         self.maybe_discover_nat(&update);
                         match self.map.apply(update) {
                             Ok(changes) => {
@@ -509,7 +514,10 @@ impl Session {
                                 }
                                 links_dirty |= self.on_changes(changes).await;
                             }
-                            Err(e) => return Ok(SessionEnd::Retry(format!("bad map update: {e}"))),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "map update refused");
+                                return Ok(SessionEnd::Retry(format!("map update refused: {e}")));
+                            }
                         }
                         self.publish();
                         if links_dirty {
@@ -520,7 +528,11 @@ impl Session {
                         }
                     }
                     Ok(None) => return Ok(SessionEnd::Retry("watch stream ended".into())),
-                    Err(s) => return session_end(s),
+                    Err(MapError::Status(s)) => return session_end(s),
+                    Err(MapError::Refused(e)) => {
+                        tracing::warn!(error = %e, "map update refused");
+                        return Ok(SessionEnd::Retry(format!("map update refused: {e}")));
+                    }
                 },
                 _ = report.tick() => {
                     if let Err(s) = self.report_links().await {
@@ -547,6 +559,21 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// Keeps the server key's fingerprint in the state directory when it
+    /// moved (a signed rotation): the next start pins the new key.
+    fn save_server_key(&mut self) {
+        let Some(pin) = self.client.server_pin().map(|p| p.to_string()) else {
+            return;
+        };
+        if pin == self.membership.server_key {
+            return;
+        }
+        self.membership.server_key = pin;
+        if let Err(e) = self.state.save_membership(&self.membership) {
+            tracing::warn!(error = %e, "could not save the control server's new key");
         }
     }
 
