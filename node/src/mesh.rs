@@ -38,11 +38,12 @@ pub enum MeshCommand {
         peer: PeerId,
     },
     Relays(Vec<RelayEntry>),
-    /// The sending side of `peer`'s link. Callers queue messages (with their
-    /// protocol header) on it themselves, so a full link holds up only them,
-    /// never the mesh.
+    /// The sending side of `protocol`'s flow on `peer`'s link. Callers
+    /// queue messages (with their protocol header) on it themselves, so a
+    /// full flow holds up only them, never the mesh or another protocol.
     LinkSender {
         peer: PeerId,
+        protocol: Bytes,
         reply: oneshot::Sender<Option<mpsc::Sender<Bytes>>>,
     },
     /// Carry out this node's part of a punch the control server coordinates
@@ -250,8 +251,12 @@ impl Mesh {
                 let _ = self.swarm.send(SwarmCommand::SetRelays(list)).await;
                 self.readdress().await;
             }
-            MeshCommand::LinkSender { peer, reply } => {
-                let _ = reply.send(self.links.get(&peer).map(|l| l.send.clone()));
+            MeshCommand::LinkSender {
+                peer,
+                protocol,
+                reply,
+            } => {
+                let _ = reply.send(self.links.get_mut(&peer).and_then(|l| l.flow(protocol)));
             }
             MeshCommand::Punch {
                 peer,

@@ -30,11 +30,12 @@ use tokio::task::JoinHandle;
 use crate::endpoint::Endpoint;
 use crate::protocol::{queue, Message, ProtocolId};
 
-/// The messages of one protocol from every member, in order per member,
-/// from a bounded queue ([`crate::protocol::PROTOCOL_QUEUE`]): while it is
-/// full, the links that deliver to it wait (and only they).
+/// The messages of one protocol from every member, in order per member.
+/// Each member can have at most its flow's credit of them waiting here (the
+/// messages the handler has not dropped yet); beyond that, its sender waits
+/// for the handler, and nobody else does.
 pub struct Incoming {
-    rx: mpsc::Receiver<Message>,
+    rx: mpsc::UnboundedReceiver<Message>,
 }
 
 impl Incoming {

@@ -1030,32 +1030,6 @@ fn print_table(results: &[PairResult], trials: usize) {
     }
 }
 
-fn machine_info() -> Value {
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    let loadavg = std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
-    json!({
-        "nproc": nproc,
-        "loadavg_at_end": loadavg,
-        "cpu": cpu,
-        "kernel": kernel,
-        "os": std::env::consts::OS,
-        "arch": std::env::consts::ARCH,
-    })
-}
-
 fn main() -> Result<()> {
     let args = parse_args()?;
     Lab::check_environment().context("the connectivity bench needs the NAT lab")?;
@@ -1131,7 +1105,7 @@ fn main() -> Result<()> {
     let report = json!({
         "benchmark": "connectivity",
         "date": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        "machine": machine_info(),
+        "machine": peermesh_tests::bench::machine_info(),
         "definitions": DEFINITIONS,
         "settings": {
             "trials": args.trials,

@@ -5,6 +5,7 @@
 //! directory; when a test fails (the harness is dropped while panicking) the
 //! tail of every log is printed, and every process is killed.
 
+pub mod bench;
 pub mod hosting;
 pub mod meshlab;
 pub mod netlab;
@@ -279,6 +280,27 @@ pub struct Node {
 }
 
 impl Node {
+    /// The process id, while the node runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
+    }
+
+    /// The node's status read in-process from its local API (cheaper than
+    /// [`Self::status`], which runs the CLI), or None while it does not
+    /// answer.
+    pub fn status_typed(&self) -> Option<peermesh_base::status::NodeStatus> {
+        let socket = peermesh_node::local_api::socket_path(&self.state);
+        meshlab::runtime().block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                peermesh_meshnode::api::query(&socket),
+            )
+            .await
+            .ok()?
+            .ok()
+        })
+    }
+
     /// `meshnode status --json`, or None while the node does not answer.
     pub fn status(&self) -> Option<Value> {
         let out = Command::new(&Bins::get().meshnode)

@@ -38,7 +38,7 @@ use peermesh_base::path_name;
 use peermesh_base::status::{NodeStatus, PeerStatus};
 use peermesh_meshnode::api::Received;
 
-use crate::netlab::{Lab, NatKind, Ns, PublicHost, Site, SiteOpts};
+use crate::netlab::{Lab, NatKind, Ns, PublicHost, Shaping, Site, SiteOpts};
 use crate::Bins;
 
 /// The control server's TCP port on the public host.
@@ -148,7 +148,7 @@ pub fn poll<T>(
 }
 
 /// A small runtime for the in-process socket clients.
-fn runtime() -> &'static tokio::runtime::Runtime {
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -707,6 +707,19 @@ impl MeshLab {
     /// [`GROUP`].
     pub fn start_public(&mut self) -> Result<()> {
         let host = self.lab.public_host_with_two_addrs("srv")?;
+        self.start_public_on(host)
+    }
+
+    /// [`Self::start_public`] with the public host's link to the bridge
+    /// shaped (delay, loss, rate; see [`Shaping`]): e.g. 25 ms there and on
+    /// every site's WAN leg put every site 100 ms of round trip from the
+    /// servers and from each other.
+    pub fn start_public_shaped(&mut self, shaping: Shaping) -> Result<()> {
+        let host = self.lab.public_host_shaped("srv", 2, shaping)?;
+        self.start_public_on(host)
+    }
+
+    fn start_public_on(&mut self, host: PublicHost) -> Result<()> {
         self.server = Some(host.clone());
         let ip = host.ip();
         let ip2 = host.ip2().context("a second public address")?;

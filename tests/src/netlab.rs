@@ -21,6 +21,32 @@
 //!   behind it (`eth0`, 10.X.0.2/24, default route via the router). More
 //!   hosts behind the same router: [`Lab::add_host`]. With [`NatKind::None`]
 //!   the host sits on the public bridge itself and there is no router.
+//! - [`Lab::cgnat`]: a carrier-grade NAT, a router namespace (`{name}-cg`)
+//!   with its own public address on the bridge and a shared
+//!   100.64.0.0/10 segment (bridge `lan`, 100.64.0.1) behind it;
+//!   [`Lab::site_behind`] puts a site there: its router's `wan` gets
+//!   100.64.0.N and a default route via the CGNAT, so its traffic crosses
+//!   two NATs.
+//!
+//! # Delay, loss and rate
+//!
+//! A link made with shaping ([`SiteOpts::delay`], [`SiteOpts::loss`],
+//! [`SiteOpts::rate_bps`] for a site's WAN leg, or the host's leg with
+//! [`NatKind::None`]; [`Lab::public_host_shaped`] for servers) is two TAP
+//! devices joined by a userspace [`wire::Wire`] instead of a veth pair; see
+//! [`wire`] for what it does to the frames and how fast it is. Each
+//! direction of a link is shaped on its own, so a one-way delay `d` on
+//! every leg puts any two sites `4 d` of round trip apart. [`Lab::set_shaping`]
+//! changes a link's shaping while it runs; [`Lab::wire_stats`] counts what
+//! it did. Links without shaping stay veth pairs.
+//!
+//! # NAT state
+//!
+//! [`SiteOpts::udp_timeout`] shortens a router's UDP mapping timeouts (the
+//! conntrack timeouts of its namespace, and the full cone's maps);
+//! [`Router::flush_mappings`] makes a NAT lose every mapping at once (a
+//! reboot, a state-table overflow); [`Lab::change_public_ip`] gives a site
+//! a new public address while it runs (a new DHCP or PPP lease).
 //!
 //! Every lab namespace has IPv6 disabled, so processes only see the IPv4
 //! addresses the lab gave them. All public addresses are on one link, so no
@@ -56,7 +82,9 @@
 //!
 //! # Requirements
 //!
-//! Root, `ip` (iproute2) and `nft` (nftables); `scripts/setup` installs them.
+//! Root, `ip` (iproute2) and `nft` (nftables); `scripts/setup` installs them,
+//! and `conntrack` (conntrack-tools), which [`Router::flush_mappings`] and
+//! [`Lab::change_public_ip`] use.
 //! Without them [`Lab::new`] returns an error saying what is missing; tests
 //! use [`lab_or_skip`], which fails the test when `CI=true` and skips it
 //! with a printed reason otherwise.
@@ -74,7 +102,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
+
+pub mod wire;
+
+use wire::Wire;
+pub use wire::{DirectionStats, Shaping, WireStats};
 
 /// The namespace name prefix of [`Lab::new`].
 pub const DEFAULT_PREFIX: &str = "pmlab";
@@ -123,9 +156,22 @@ pub struct SiteOpts {
     /// host to a different one.
     pub wan_firewall: bool,
     /// Added one-way delay on the router's WAN leg (for [`NatKind::None`]
-    /// on the host's interface) with `tc netem`. [`Lab::site`] fails when
-    /// the kernel has no netem.
+    /// on the host's leg), in each direction. Any of `delay`, `loss` and
+    /// `rate_bps` makes the leg a shaped link (see the module
+    /// documentation); `Some(Duration::ZERO)` gives one that only passes
+    /// frames on.
     pub delay: Option<Duration>,
+    /// Random loss on the same leg, in each direction: the fraction of IPv4
+    /// frames dropped (0.0 to 1.0).
+    pub loss: f64,
+    /// Rate limit of the same leg, in each direction, in bits per second
+    /// of Ethernet frames (see [`Shaping::rate_bps`]).
+    pub rate_bps: Option<u64>,
+    /// The router's UDP mapping timeout: its namespace's conntrack UDP
+    /// timeouts (`nf_conntrack_udp_timeout` and `…_stream`, in whole
+    /// seconds, at least 1) and, for [`NatKind::FullCone`], the timeout of
+    /// its mapping maps. None: the kernel's 30 s / 120 s and 300 s maps.
+    pub udp_timeout: Option<Duration>,
     /// [`NatKind::SymmetricSequential`]: the first public port.
     pub seq_base: u16,
     /// [`NatKind::SymmetricSequential`]: the distance between consecutive
@@ -141,6 +187,9 @@ impl Default for SiteOpts {
         Self {
             wan_firewall: true,
             delay: None,
+            loss: 0.0,
+            rate_bps: None,
+            udp_timeout: None,
             seq_base: 20000,
             seq_stride: 1,
             seq_count: 1000,
@@ -155,6 +204,41 @@ impl SiteOpts {
             wan_firewall: false,
             ..Self::default()
         }
+    }
+
+    /// Default options with the WAN leg shaped by `shaping` (its queue and
+    /// seed are not kept: use [`Lab::set_shaping`] for those).
+    pub fn shaped(shaping: Shaping) -> Self {
+        Self {
+            delay: Some(shaping.delay),
+            loss: shaping.loss,
+            rate_bps: shaping.rate_bps,
+            ..Self::default()
+        }
+    }
+
+    /// The shaping of the WAN leg, if it is a shaped link.
+    pub fn shaping(&self) -> Option<Shaping> {
+        (self.delay.is_some() || self.loss > 0.0 || self.rate_bps.is_some()).then(|| Shaping {
+            delay: self.delay.unwrap_or_default(),
+            loss: self.loss,
+            rate_bps: self.rate_bps,
+            ..Shaping::default()
+        })
+    }
+}
+
+/// A lab link that may be shaped: a site's WAN leg, a public host's leg, a
+/// CGNAT's leg ([`Site::leg`], [`PublicHost::leg`], [`Cgnat::leg`]), for
+/// [`Lab::set_shaping`] and [`Lab::wire_stats`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Leg(String);
+
+impl Leg {
+    /// `{role}/{interface}` of the link's outer end, e.g. `pub/p3`: stable
+    /// across runs of the same lab shape (it seeds the loss).
+    pub fn name(&self) -> &str {
+        &self.0
     }
 }
 
@@ -344,6 +428,7 @@ pub struct PublicHost {
     ns: Ns,
     ips: Vec<Ipv4Addr>,
     port: String,
+    leg: Leg,
 }
 
 impl PublicHost {
@@ -365,6 +450,11 @@ impl PublicHost {
 
     pub fn ns(&self) -> &Ns {
         &self.ns
+    }
+
+    /// The host's link to the public bridge.
+    pub fn leg(&self) -> &Leg {
+        &self.leg
     }
 }
 
@@ -413,12 +503,43 @@ pub struct Router {
     ns: Ns,
     wan_ip: Ipv4Addr,
     lan_ip: Ipv4Addr,
+    kind: NatKind,
+    opts: SiteOpts,
 }
 
 impl Router {
-    /// The router's public address on the bridge (interface `wan`).
+    /// The router's address on its `wan` interface: public on the bridge,
+    /// or 100.64.0.N behind a CGNAT ([`Lab::site_behind`]).
     pub fn wan_ip(&self) -> Ipv4Addr {
         self.wan_ip
+    }
+
+    /// The router's NAT.
+    pub fn kind(&self) -> NatKind {
+        self.kind
+    }
+
+    /// Makes the NAT lose every mapping at once, as a reboot or a full
+    /// state table would: deletes its namespace's conntrack entries
+    /// (`conntrack -F`) and, for [`NatKind::FullCone`], empties its mapping
+    /// maps. What arrives from the WAN for an old mapping is then
+    /// unsolicited (the WAN firewall drops it); the next packet out makes a
+    /// new mapping.
+    pub fn flush_mappings(&self) -> Result<()> {
+        if self.kind == NatKind::FullCone {
+            self.nft(
+                "flush map ip pmnat eim_out
+flush map ip pmnat eim_in
+",
+            )?;
+        }
+        conntrack_flush(&self.ns)
+    }
+
+    /// The router's conntrack table (`conntrack -L`), for debugging.
+    pub fn conntrack(&self) -> String {
+        self.exec(&["conntrack", "-L"])
+            .unwrap_or_else(|e| format!("{e:#}"))
     }
 
     /// The router's LAN address 10.X.0.1 (interface `lan`).
@@ -453,19 +574,31 @@ pub struct Site {
     pub host: Host,
     /// None for [`NatKind::None`].
     pub router: Option<Router>,
+    /// The carrier-grade NAT in front of the site ([`Lab::site_behind`]).
+    pub cgnat: Option<Router>,
     index: u8,
-    /// The site's port on the public bridge.
+    /// The port on the public bridge that the site's traffic crosses (the
+    /// CGNAT's for a site behind one).
     port: String,
+    /// The site's own WAN leg (router or host to the bridge or the CGNAT).
+    leg: Leg,
 }
 
 impl Site {
-    /// The address the public side sees: the router's WAN address, or the
-    /// host's own address without NAT.
+    /// The address the public side sees: the CGNAT's public address, the
+    /// router's WAN address, or the host's own address without NAT.
     pub fn public_ip(&self) -> Ipv4Addr {
-        match &self.router {
-            Some(r) => r.wan_ip,
-            None => self.host.ip,
+        match (&self.cgnat, &self.router) {
+            (Some(c), _) => c.wan_ip,
+            (None, Some(r)) => r.wan_ip,
+            (None, None) => self.host.ip,
         }
+    }
+
+    /// The site's WAN leg: the router's `wan` (the host's `eth0` with
+    /// [`NatKind::None`]) to the public bridge, or to the CGNAT's segment.
+    pub fn leg(&self) -> &Leg {
+        &self.leg
     }
 
     /// The router; panics for [`NatKind::None`].
@@ -476,8 +609,60 @@ impl Site {
     }
 }
 
+/// A carrier-grade NAT ([`Lab::cgnat`]): sites behind it
+/// ([`Lab::site_behind`]) share its public address.
+#[derive(Clone, Debug)]
+pub struct Cgnat {
+    pub name: String,
+    /// The CGNAT's router: `wan` on the public bridge, `lan` the shared
+    /// 100.64.0.0/10 segment.
+    pub router: Router,
+    /// Its port on the public bridge.
+    port: String,
+    leg: Leg,
+    /// The next 100.64.0.N for a site behind it.
+    next_home: Arc<AtomicU32>,
+}
+
+impl Cgnat {
+    /// The public address every site behind it shows.
+    pub fn public_ip(&self) -> Ipv4Addr {
+        self.router.wan_ip
+    }
+
+    /// Its link to the public bridge.
+    pub fn leg(&self) -> &Leg {
+        &self.leg
+    }
+}
+
+/// The CGNAT's own address in its shared segment 100.64.0.0/10 (RFC 6598).
+pub const CGNAT_GATEWAY: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+
+/// A timeout in whole seconds for conntrack and nftables: at least 1.
+fn timeout_secs(t: Duration) -> u64 {
+    t.as_secs_f64().ceil().max(1.0) as u64
+}
+
+/// Deletes every conntrack entry of `ns`.
+fn conntrack_flush(ns: &Ns) -> Result<()> {
+    let out = ns.output(&["conntrack", "-F"]).with_context(|| {
+        "running conntrack (conntrack-tools; scripts/setup installs it)".to_string()
+    })?;
+    if !out.status.success() {
+        bail!(
+            "conntrack -F in {} failed: {}",
+            ns.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 struct State {
     namespaces: Vec<Ns>,
+    /// The shaped links' wires, stopped before the namespaces go.
+    wires: Vec<Wire>,
     next_public: u8,
     next_site: u8,
     next_port: u32,
@@ -607,19 +792,25 @@ fn nat_rules(kind: NatKind, opts: &SiteOpts, wan_ip: Ipv4Addr) -> Result<String>
             )
         }
     };
+    // The full cone's mappings live as long as a UDP mapping does.
+    let t = opts.udp_timeout.map_or(300, timeout_secs);
     let (maps, pre, record) = if kind == NatKind::FullCone {
         (
-            "    map eim_out { type ipv4_addr . inet_service : inet_service; flags dynamic,timeout; timeout 300s; }\n\
-             \x20   map eim_in { type inet_service : ipv4_addr . inet_service; flags dynamic,timeout; timeout 300s; }\n",
+            format!(
+                "    map eim_out {{ type ipv4_addr . inet_service : inet_service; flags dynamic,timeout; timeout {t}s; }}\n\
+                 \x20   map eim_in {{ type inet_service : ipv4_addr . inet_service; flags dynamic,timeout; timeout {t}s; }}\n"
+            ),
             "        iif \"wan\" meta l4proto udp dnat to udp dport map @eim_in\n",
-            "    chain record {\n\
-             \x20       type filter hook postrouting priority srcnat + 10; policy accept;\n\
-             \x20       oif \"wan\" meta l4proto udp ct direction original update @eim_out { ct original ip saddr . ct original proto-src timeout 300s : udp sport }\n\
-             \x20       oif \"wan\" meta l4proto udp ct direction original update @eim_in { udp sport timeout 300s : ct original ip saddr . ct original proto-src }\n\
-             \x20   }\n",
+            format!(
+                "    chain record {{\n\
+                 \x20       type filter hook postrouting priority srcnat + 10; policy accept;\n\
+                 \x20       oif \"wan\" meta l4proto udp ct direction original update @eim_out {{ ct original ip saddr . ct original proto-src timeout {t}s : udp sport }}\n\
+                 \x20       oif \"wan\" meta l4proto udp ct direction original update @eim_in {{ udp sport timeout {t}s : ct original ip saddr . ct original proto-src }}\n\
+                 \x20   }}\n"
+            ),
         )
     } else {
-        ("", "", "")
+        (String::new(), "", String::new())
     };
     Ok(format!(
         "table ip pmnat {{\n{maps}\
@@ -723,6 +914,7 @@ impl Lab {
             public: public.clone(),
             state: Mutex::new(State {
                 namespaces: vec![public.clone()],
+                wires: Vec::new(),
                 next_public: 2,
                 next_site: 1,
                 next_port: 0,
@@ -809,30 +1001,84 @@ impl Lab {
         Ok(addr)
     }
 
-    /// Plugs `ifname` of `ns` into the public bridge; returns the bridge
-    /// port's name. The port gets a cut set ([`Lab::cut`]).
-    fn attach(&self, ns: &Ns, ifname: &str, addrs: &[Ipv4Addr]) -> Result<String> {
+    /// A link between `inner` (interface `inner_if`) and `outer`
+    /// (interface `outer_if`, made a port of `outer`'s bridge `bridge` and
+    /// brought up): a veth pair, or with `shaping` two TAP devices joined
+    /// by a [`Wire`]. `inner_if` is left down and without address.
+    fn plug(
+        &self,
+        inner: &Ns,
+        inner_if: &str,
+        outer: &Ns,
+        outer_if: &str,
+        bridge: &str,
+        shaping: Option<Shaping>,
+    ) -> Result<Leg> {
+        let role = outer
+            .name()
+            .strip_prefix(&format!("{}-", self.id))
+            .unwrap_or(outer.name());
+        let leg = Leg(format!("{role}/{outer_if}"));
+        match shaping {
+            None => ip(&[
+                "-n",
+                outer.name(),
+                "link",
+                "add",
+                outer_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                inner_if,
+                "netns",
+                inner.name(),
+            ])?,
+            Some(shaping) => {
+                let tap_in = inner
+                    .run(|| wire::open_tap(inner_if))?
+                    .with_context(|| format!("a TAP device {inner_if} in {}", inner.name()))?;
+                let tap_out = outer
+                    .run(|| wire::open_tap(outer_if))?
+                    .with_context(|| format!("a TAP device {outer_if} in {}", outer.name()))?;
+                // Room for bursts while the wire's thread is busy.
+                for (ns, ifname) in [(inner, inner_if), (outer, outer_if)] {
+                    ip(&["-n", ns.name(), "link", "set", ifname, "txqueuelen", "4096"])?;
+                }
+                let w = Wire::start(leg.name(), tap_in, tap_out, shaping)
+                    .with_context(|| format!("starting the wire {}", leg.name()))?;
+                self.state().wires.push(w);
+            }
+        }
+        ip(&[
+            "-n",
+            outer.name(),
+            "link",
+            "set",
+            outer_if,
+            "master",
+            bridge,
+            "up",
+        ])?;
+        Ok(leg)
+    }
+
+    /// Plugs `ifname` of `ns` into the public bridge (shaped with
+    /// `shaping`); returns the bridge port's name and the link. The port
+    /// gets a cut set ([`Lab::cut`]).
+    fn attach(
+        &self,
+        ns: &Ns,
+        ifname: &str,
+        addrs: &[Ipv4Addr],
+        shaping: Option<Shaping>,
+    ) -> Result<(String, Leg)> {
         let port = {
             let mut st = self.state();
             st.next_port += 1;
             format!("p{}", st.next_port)
         };
-        let public = self.public.name();
-        ip(&[
-            "-n",
-            public,
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            ifname,
-            "netns",
-            ns.name(),
-        ])?;
-        ip(&["-n", public, "link", "set", &port, "master", "br0", "up"])?;
+        let leg = self.plug(ns, ifname, &self.public, &port, "br0", shaping)?;
         for a in addrs {
             ip(&[
                 "-n",
@@ -850,90 +1096,77 @@ impl Lab {
              add rule bridge pmlab forward iifname \"{port}\" ip daddr @cut_{port} meta l4proto udp drop\n\
              add rule bridge pmlab forward oifname \"{port}\" ip saddr @cut_{port} meta l4proto udp drop\n"
         ))?;
-        Ok(port)
+        Ok((port, leg))
     }
 
-    fn public_host_n(&self, name: &str, n: usize) -> Result<PublicHost> {
+    fn public_host_n(&self, name: &str, n: usize, shaping: Option<Shaping>) -> Result<PublicHost> {
         check_name(name)?;
         let ns = self.add_ns(name)?;
         let ips = (0..n)
             .map(|_| self.alloc_public_ip())
             .collect::<Result<Vec<_>>>()?;
-        let port = self.attach(&ns, "eth0", &ips)?;
-        Ok(PublicHost { ns, ips, port })
+        let (port, leg) = self.attach(&ns, "eth0", &ips, shaping)?;
+        Ok(PublicHost { ns, ips, port, leg })
     }
 
     /// A server namespace on the public bridge with one address.
     pub fn public_host(&self, name: &str) -> Result<PublicHost> {
-        self.public_host_n(name, 1)
+        self.public_host_n(name, 1, None)
     }
 
     /// A server namespace on the public bridge with two addresses (NAT
     /// behaviour discovery needs two).
     pub fn public_host_with_two_addrs(&self, name: &str) -> Result<PublicHost> {
-        self.public_host_n(name, 2)
+        self.public_host_n(name, 2, None)
+    }
+
+    /// A server namespace with `addrs` addresses (1 or 2) whose link to the
+    /// public bridge is shaped with `shaping`.
+    pub fn public_host_shaped(
+        &self,
+        name: &str,
+        addrs: usize,
+        shaping: Shaping,
+    ) -> Result<PublicHost> {
+        if !(1..=2).contains(&addrs) {
+            bail!("a public host has 1 or 2 addresses, not {addrs}");
+        }
+        self.public_host_n(name, addrs, Some(shaping))
+    }
+
+    fn alloc_site_index(&self) -> Result<u8> {
+        let mut st = self.state();
+        if st.next_site == 251 {
+            bail!("too many sites");
+        }
+        st.next_site += 1;
+        Ok(st.next_site - 1)
     }
 
     /// A site named `name` (lowercase letters and digits): a host behind a
     /// router of `kind`; see the module documentation.
     pub fn site(&self, name: &str, kind: NatKind, opts: SiteOpts) -> Result<Site> {
         check_name(name)?;
-        let index = {
-            let mut st = self.state();
-            if st.next_site == 251 {
-                bail!("too many sites");
-            }
-            st.next_site += 1;
-            st.next_site - 1
-        };
+        let index = self.alloc_site_index()?;
         if kind == NatKind::None {
             let ns = self.add_ns(name)?;
             let addr = self.alloc_public_ip()?;
-            let port = self.attach(&ns, "eth0", &[addr])?;
-            if let Some(d) = opts.delay {
-                add_delay(&ns, "eth0", d)?;
-            }
+            let (port, leg) = self.attach(&ns, "eth0", &[addr], opts.shaping())?;
             return Ok(Site {
                 name: name.to_string(),
                 kind,
                 host: Host { ns, ip: addr },
                 router: None,
+                cgnat: None,
                 index,
                 port,
+                leg,
             });
         }
         let rns = self.add_ns(&format!("{name}-r"))?;
         let wan_ip = self.alloc_public_ip()?;
-        let lan_ip = Ipv4Addr::new(10, index, 0, 1);
-        let port = self.attach(&rns, "wan", &[wan_ip])?;
-        let r = rns.name();
-        ip(&["-n", r, "link", "add", "lan", "type", "bridge"])?;
-        ip(&[
-            "-n",
-            r,
-            "addr",
-            "add",
-            &format!("{lan_ip}/24"),
-            "dev",
-            "lan",
-        ])?;
-        ip(&["-n", r, "link", "set", "lan", "up"])?;
-        rns.sysctl("net.ipv4.ip_forward", "1")?;
-        rns.nft(&nat_rules(kind, &opts, wan_ip)?)?;
-        rns.nft(ISP_HOP)?;
-        rns.nft(if opts.wan_firewall {
-            WAN_FIREWALL
-        } else {
-            NO_FIREWALL
-        })?;
-        if let Some(d) = opts.delay {
-            add_delay(&rns, "wan", d)?;
-        }
-        let router = Router {
-            ns: rns,
-            wan_ip,
-            lan_ip,
-        };
+        let (port, leg) = self.attach(&rns, "wan", &[wan_ip], opts.shaping())?;
+        let router = self.router(rns, kind, &opts, wan_ip, Ipv4Addr::new(10, index, 0, 1), 24)?;
         self.state().next_lan_host[usize::from(index)] = 2;
         let host = self.lan_host(&router, index, name)?;
         Ok(Site {
@@ -941,9 +1174,156 @@ impl Lab {
             kind,
             host,
             router: Some(router),
+            cgnat: None,
             index,
             port,
+            leg,
         })
+    }
+
+    /// Makes `rns` (with its `wan` up and addressed) a NAT router of
+    /// `kind`: a `lan` bridge with `lan_ip/prefix`, forwarding, the NAT,
+    /// the ISP hop and the firewall of `opts`, its UDP timeouts.
+    fn router(
+        &self,
+        rns: Ns,
+        kind: NatKind,
+        opts: &SiteOpts,
+        wan_ip: Ipv4Addr,
+        lan_ip: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<Router> {
+        let r = rns.name();
+        ip(&["-n", r, "link", "add", "lan", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            r,
+            "addr",
+            "add",
+            &format!("{lan_ip}/{prefix}"),
+            "dev",
+            "lan",
+        ])?;
+        ip(&["-n", r, "link", "set", "lan", "up"])?;
+        rns.sysctl("net.ipv4.ip_forward", "1")?;
+        if let Some(t) = opts.udp_timeout {
+            let secs = timeout_secs(t).to_string();
+            rns.sysctl("net.netfilter.nf_conntrack_udp_timeout", &secs)?;
+            rns.sysctl("net.netfilter.nf_conntrack_udp_timeout_stream", &secs)?;
+        }
+        rns.nft(&nat_rules(kind, opts, wan_ip)?)?;
+        rns.nft(ISP_HOP)?;
+        rns.nft(if opts.wan_firewall {
+            WAN_FIREWALL
+        } else {
+            NO_FIREWALL
+        })?;
+        Ok(Router {
+            ns: rns,
+            wan_ip,
+            lan_ip,
+            kind,
+            opts: opts.clone(),
+        })
+    }
+
+    /// A carrier-grade NAT named `name` (namespace `{name}-cg`): a router
+    /// of `kind` (RFC 6888 asks for endpoint-independent mapping, i.e.
+    /// [`NatKind::PortRestricted`] or [`NatKind::FullCone`]) with its own
+    /// public address, in front of the shared segment 100.64.0.0/10 where
+    /// [`Lab::site_behind`] puts sites. `opts` as for a site's router (its
+    /// shaping applies to the CGNAT's public leg).
+    pub fn cgnat(&self, name: &str, kind: NatKind, opts: SiteOpts) -> Result<Cgnat> {
+        check_name(name)?;
+        if kind == NatKind::None {
+            bail!("a CGNAT translates: NatKind::None is no CGNAT");
+        }
+        let rns = self.add_ns(&format!("{name}-cg"))?;
+        let wan_ip = self.alloc_public_ip()?;
+        let (port, leg) = self.attach(&rns, "wan", &[wan_ip], opts.shaping())?;
+        let router = self.router(rns, kind, &opts, wan_ip, CGNAT_GATEWAY, 10)?;
+        Ok(Cgnat {
+            name: name.to_string(),
+            router,
+            port,
+            leg,
+            next_home: Arc::new(AtomicU32::new(2)),
+        })
+    }
+
+    /// A site named `name` behind `cgnat`: its router of `kind` has its
+    /// `wan` in the CGNAT's 100.64.0.0/10 segment (100.64.0.N, default
+    /// route via 100.64.0.1), so its host is behind two NATs. With
+    /// [`NatKind::None`] the host itself sits in that segment. `opts`'s
+    /// shaping applies to the site's own leg into the segment; [`Lab::cut`]
+    /// acts on the CGNAT's public port (so on every site behind it).
+    pub fn site_behind(
+        &self,
+        cgnat: &Cgnat,
+        name: &str,
+        kind: NatKind,
+        opts: SiteOpts,
+    ) -> Result<Site> {
+        check_name(name)?;
+        let index = self.alloc_site_index()?;
+        let n = cgnat.next_home.fetch_add(1, Ordering::Relaxed);
+        if n > 254 {
+            bail!("the CGNAT segment of {} is full", cgnat.name);
+        }
+        let [a, b, c, _] = CGNAT_GATEWAY.octets();
+        let addr = Ipv4Addr::new(a, b, c, n as u8);
+        let (ns, ifname) = if kind == NatKind::None {
+            (self.add_ns(name)?, "eth0")
+        } else {
+            (self.add_ns(&format!("{name}-r"))?, "wan")
+        };
+        let leg = self.plug(
+            &ns,
+            ifname,
+            cgnat.router.ns(),
+            &format!("h{n}"),
+            "lan",
+            opts.shaping(),
+        )?;
+        ip(&[
+            "-n",
+            ns.name(),
+            "addr",
+            "add",
+            &format!("{addr}/10"),
+            "dev",
+            ifname,
+        ])?;
+        ip(&["-n", ns.name(), "link", "set", ifname, "up"])?;
+        ip(&[
+            "-n",
+            ns.name(),
+            "route",
+            "add",
+            "default",
+            "via",
+            &CGNAT_GATEWAY.to_string(),
+        ])?;
+        let mut site = Site {
+            name: name.to_string(),
+            kind,
+            host: Host {
+                ns: ns.clone(),
+                ip: addr,
+            },
+            router: None,
+            cgnat: Some(cgnat.router.clone()),
+            index,
+            port: cgnat.port.clone(),
+            leg,
+        };
+        if kind != NatKind::None {
+            let router = self.router(ns, kind, &opts, addr, Ipv4Addr::new(10, index, 0, 1), 24)?;
+            self.state().next_lan_host[usize::from(index)] = 2;
+            site.host = self.lan_host(&router, index, name)?;
+            site.router = Some(router);
+        }
+        Ok(site)
     }
 
     fn lan_host(&self, router: &Router, index: u8, name: &str) -> Result<Host> {
@@ -1000,6 +1380,67 @@ impl Lab {
         self.lan_host(router, site.index, name)
     }
 
+    /// Changes the shaping of a shaped link while it runs (frames already
+    /// on the wire keep their delivery time). Fails for a link made without
+    /// shaping (a veth pair).
+    pub fn set_shaping(&self, leg: &Leg, shaping: Shaping) -> Result<()> {
+        let st = self.state();
+        let w = st
+            .wires
+            .iter()
+            .find(|w| w.name() == leg.name())
+            .with_context(|| format!("link {} was made without shaping", leg.name()))?;
+        w.set_shaping(shaping)
+            .with_context(|| format!("shaping link {}", leg.name()))
+    }
+
+    /// What the wire of a shaped link did so far; None for a link made
+    /// without shaping.
+    pub fn wire_stats(&self, leg: &Leg) -> Option<WireStats> {
+        let st = self.state();
+        let w = st.wires.iter().find(|w| w.name() == leg.name())?;
+        Some(w.stats())
+    }
+
+    /// Gives `site` a new public address while it runs, as a new lease from
+    /// the ISP would: the router's `wan` address (for [`NatKind::None`] the
+    /// host's own) is replaced by a fresh one of the public network and the
+    /// router starts over with a new NAT table (for the full cone: no
+    /// mappings) and no conntrack entries, so every flow gets a new
+    /// mapping on the new address. Updates `site` and returns the new
+    /// address. Not for sites behind a CGNAT.
+    pub fn change_public_ip(&self, site: &mut Site) -> Result<Ipv4Addr> {
+        if site.cgnat.is_some() {
+            bail!(
+                "site {} is behind a CGNAT: its public address is the CGNAT's",
+                site.name
+            );
+        }
+        let new = self.alloc_public_ip()?;
+        match &mut site.router {
+            None => {
+                let h = site.host.ns.name().to_string();
+                let old = site.host.ip;
+                ip(&["-n", &h, "addr", "del", &format!("{old}/24"), "dev", "eth0"])?;
+                ip(&["-n", &h, "addr", "add", &format!("{new}/24"), "dev", "eth0"])?;
+                site.host.ip = new;
+            }
+            Some(router) => {
+                let r = router.ns.name().to_string();
+                let old = router.wan_ip;
+                ip(&["-n", &r, "addr", "del", &format!("{old}/24"), "dev", "wan"])?;
+                ip(&["-n", &r, "addr", "add", &format!("{new}/24"), "dev", "wan"])?;
+                router.ns.nft(&format!(
+                    "delete table ip pmnat\n{}",
+                    nat_rules(router.kind, &router.opts, new)?
+                ))?;
+                conntrack_flush(&router.ns)?;
+                router.wan_ip = new;
+            }
+        }
+        Ok(new)
+    }
+
     /// Drops `site`'s UDP to and from `peer` (in both directions, on the
     /// public bridge, silently) until [`Lab::restore`].
     pub fn cut(&self, site: &Site, peer: Ipv4Addr) -> Result<()> {
@@ -1035,10 +1476,18 @@ impl Lab {
         Ok(())
     }
 
-    /// Addresses, routes and nftables rules of every namespace, for a
-    /// failing test's output.
+    /// The shaped links (shaping and counters), then the addresses, routes
+    /// and nftables rules of every namespace, for a failing test's output.
     pub fn describe(&self) -> String {
         let mut out = String::new();
+        for w in &self.state().wires {
+            out.push_str(&format!(
+                "===== wire {}: {:?}, {:?} =====\n",
+                w.name(),
+                w.shaping(),
+                w.stats()
+            ));
+        }
         for ns in self.state().namespaces.clone() {
             out.push_str(&format!("===== {} =====\n", ns.name()));
             for args in [
@@ -1113,15 +1562,6 @@ impl Lab {
     }
 }
 
-fn add_delay(ns: &Ns, dev: &str, d: Duration) -> Result<()> {
-    let us = d.as_micros().to_string() + "us";
-    ns.exec(&[
-        "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", &us,
-    ])
-    .map(drop)
-    .map_err(|e| anyhow!("adding delay with tc netem (is sch_netem in this kernel?): {e:#}"))
-}
-
 impl Drop for Lab {
     fn drop(&mut self) {
         let namespaces = std::mem::take(&mut self.state().namespaces);
@@ -1138,6 +1578,10 @@ impl Drop for Lab {
                 }
             }
         }
+        // The wires hold their TAP devices (and so the namespaces) open:
+        // stop them before the namespaces go.
+        let wires = std::mem::take(&mut self.state().wires);
+        drop(wires);
         for ns in namespaces.iter().rev() {
             if let Err(e) = ip(&["netns", "del", ns.name()]) {
                 eprintln!("netlab: {e:#}");

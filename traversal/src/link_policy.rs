@@ -21,9 +21,14 @@
 //!   connection redials once [`REDIAL`] has passed since its last dial (at
 //!   once if it has);
 //! - a forwarder dial is due when its backoff ends (at once after a reset);
-//! - after a lost direct connection the punch goes out at once;
-//! - a relayed connection whose stream has not come up punches after
-//!   [`PUNCH_STREAM_GRACE`] (= one tick).
+//! - after a lost direct connection the punch goes out at once.
+//!
+//! The first coordinated punch goes out as soon as the link knows the peer
+//! (its first addresses), beside the relay dial, not once the relayed path
+//! is up: the rendezvous runs through the control server, not the relay, so
+//! a direct path needs no relayed one first (it saves the relay circuit's
+//! round trips), and a group without relays, or whose relays are down, has
+//! no other way to connect.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -60,7 +65,7 @@ pub const FOLLOWER_PATIENCE: Duration = REDIAL.saturating_mul(4);
 
 /// PUNCH_BACKOFF_FIRST is the wait after the first coordinated punch request
 /// before the next, while no direct connection exists. The first request
-/// goes out as soon as the relayed path is up. The second attempt is the one
+/// goes out as soon as the link knows the peer. The second attempt is the one
 /// that falls back to probe sockets when the QUIC socket's punch did not work
 /// (a router without WAN firewall), so it comes after half a second, not
 /// later.
@@ -78,13 +83,6 @@ pub const PUNCH_BACKOFF_DOUBLINGS: u32 = 5;
 /// coordination round and a burst of probes. (With the defaults the
 /// doublings stop at 16 s, below this cap.)
 pub const PUNCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
-
-/// PUNCH_STREAM_GRACE is how long a relayed or forwarded connection may go
-/// without its stream before the punch is asked for anyway. The punch waits
-/// for the stream so that the relay is always the first path up; but the
-/// old worker's tick asked at most one [`REDIAL`] after the connection, so a
-/// stream that never comes does not hold the punch back longer.
-pub const PUNCH_STREAM_GRACE: Duration = REDIAL;
 
 /// FORWARD_BACKOFF_FIRST is the wait after a dial through a forwarding
 /// member before the next, while neither a direct nor a forwarded
@@ -120,8 +118,6 @@ pub struct PolicyConfig {
     pub punch_backoff_doublings: u32,
     /// See [`PUNCH_BACKOFF_MAX`].
     pub punch_backoff_max: Duration,
-    /// See [`PUNCH_STREAM_GRACE`].
-    pub punch_stream_grace: Duration,
     /// See [`FORWARD_BACKOFF_FIRST`].
     pub forward_backoff_first: Duration,
     /// See [`FORWARD_BACKOFF_DOUBLINGS`].
@@ -140,7 +136,6 @@ impl Default for PolicyConfig {
             punch_backoff_first: PUNCH_BACKOFF_FIRST,
             punch_backoff_doublings: PUNCH_BACKOFF_DOUBLINGS,
             punch_backoff_max: PUNCH_BACKOFF_MAX,
-            punch_stream_grace: PUNCH_STREAM_GRACE,
             forward_backoff_first: FORWARD_BACKOFF_FIRST,
             forward_backoff_doublings: FORWARD_BACKOFF_DOUBLINGS,
             forward_backoff_max: FORWARD_BACKOFF_MAX,
@@ -227,12 +222,11 @@ pub struct LinkPolicy<A> {
     quick_redial: Option<Instant>,
     quick_redials: u32,
     punch_attempts: u32,
-    /// Earliest next punch request (the backoff).
+    /// When the next punch request is due while no direct connection
+    /// exists: the first addresses or a lost direct connection make it due
+    /// at once, each request moves it on by the backoff. `None` until the
+    /// link first knows the peer.
     next_punch: Option<Instant>,
-    /// With no punch backoff running: when to ask without waiting for a
-    /// relayed stream (see [`PUNCH_STREAM_GRACE`]); set to the loss instant
-    /// when a direct connection goes (ask at once).
-    punch_grace: Option<Instant>,
     forward_attempts: u32,
     /// Earliest next forwarder dial (the backoff; the reset instant after a
     /// reset, so due at once).
@@ -260,7 +254,6 @@ impl<A: Clone + PartialEq + std::fmt::Debug> LinkPolicy<A> {
             quick_redials: 0,
             punch_attempts: 0,
             next_punch: None,
-            punch_grace: None,
             forward_attempts: 0,
             next_forward: None,
             actions: VecDeque::new(),
@@ -274,6 +267,8 @@ impl<A: Clone + PartialEq + std::fmt::Debug> LinkPolicy<A> {
     /// addresses dial at once; a new best forwarder resets the forwarder
     /// backoff and is dialed at once.
     pub fn set_addresses(&mut self, relay: Vec<A>, forwarded: Vec<A>, now: Instant) {
+        // The link knows the peer now: the first punch is due at once.
+        self.next_punch.get_or_insert(now);
         let changed = self.relay != relay;
         self.relay = relay;
         if self.forwarded.first() != forwarded.first() {
@@ -291,12 +286,6 @@ impl<A: Clone + PartialEq + std::fmt::Debug> LinkPolicy<A> {
         *self.count_mut(kind) += 1;
         self.quick_redial = None;
         self.quick_redials = 0;
-        if kind != PathKind::Direct
-            && self.next_punch.is_none()
-            && self.punch_grace.is_none_or(|g| g <= now)
-        {
-            self.punch_grace = Some(now + self.config.punch_stream_grace);
-        }
         self.run(now);
     }
 
@@ -314,17 +303,6 @@ impl<A: Clone + PartialEq + std::fmt::Debug> LinkPolicy<A> {
                 PathKind::Forwarded => self.reset_forward(now),
                 PathKind::Relay => {}
             }
-        }
-        self.run(now);
-    }
-
-    /// A path (stream) on a connection of this kind came up. A relayed or
-    /// forwarded one asks for a punch (subject to the backoff): the punch is
-    /// asked for once the relayed path carries the link, so that the relay
-    /// is always the first path up.
-    pub fn stream_up(&mut self, kind: PathKind, now: Instant) {
-        if kind != PathKind::Direct {
-            self.maybe_punch(now);
         }
         self.run(now);
     }
@@ -416,10 +394,10 @@ impl<A: Clone + PartialEq + std::fmt::Debug> LinkPolicy<A> {
         &self.forwarded
     }
     /// Whether this side should be punching: it leads, asks the control
-    /// server for punches, and the peer is reachable (relayed or forwarded)
-    /// but not directly.
+    /// server for punches, and has no direct connection (relayed or not:
+    /// see the module docs).
     pub fn wants_punch(&self) -> bool {
-        self.control_punch && self.leads && self.is_connected() && self.direct_conns == 0
+        self.control_punch && self.leads && self.direct_conns == 0
     }
 
     // ----- rules ----------------------------------------------------------
@@ -505,29 +483,23 @@ impl<A: Clone + PartialEq + std::fmt::Debug> LinkPolicy<A> {
         if !self.wants_punch() {
             return None;
         }
-        self.next_punch.or(self.punch_grace)
-    }
-
-    /// A punch request unless the backoff says wait.
-    fn maybe_punch(&mut self, now: Instant) {
-        if self.wants_punch() && self.next_punch.is_none_or(|t| now >= t) {
-            self.punch(now);
-        }
+        self.next_punch
     }
 
     fn punch(&mut self, now: Instant) {
         let wait = self.config.punch_backoff(self.punch_attempts);
         self.punch_attempts += 1;
         self.next_punch = Some(now + wait);
-        self.punch_grace = None;
         self.actions.push_back(Action::RequestPunch);
     }
 
-    /// A direct connection went away: the next punch goes out at once.
+    /// A direct connection went away: the next punch goes out at once (once
+    /// the link knows the peer).
     fn direct_lost(&mut self, now: Instant) {
         self.punch_attempts = 0;
-        self.next_punch = None;
-        self.punch_grace = Some(now);
+        if self.next_punch.is_some() {
+            self.next_punch = Some(now);
+        }
     }
 
     /// With no direct and no forwarded connection, go through the best

@@ -22,19 +22,32 @@ pub const BIRTHDAY_SOCKETS: u16 = 256;
 /// Random ports the other side probes. With 256 open mappings out of ~64k
 /// ports, 1536 probes miss all of them with probability e^-6 ≈ 0.25%.
 pub const BIRTHDAY_PROBES: u32 = 1536;
-/// Larger port steps between two consecutive mappings count as random: a
-/// sequential NAT's step is small (1 or 2 in the wild), and a wide window
-/// of guesses costs as many packets as a birthday search.
+/// Port steps larger than this count as random unless they repeat exactly
+/// (see [`sequential_stride`]): churn from other hosts makes the steps of a
+/// sequential NAT multiples of its stride, and only small multiples tell a
+/// counter from chance.
 pub const MAX_STRIDE: u16 = 64;
 
 /// The stride of a sequential NAT from the steps between consecutive mapped
-/// ports, or `None` (random). Other flows from behind the same NAT may take
-/// ports between ours (churn): small steps of one sign are sequential, the
-/// smallest being the stride.
+/// ports, or `None` (random). Two rules:
+///
+/// - the same step every time, at least twice, whatever its size: a NAT
+///   that hands out ports at any constant delta (some allocate in blocks,
+///   or step by a prime) is as predictable as one that counts by one;
+/// - small steps of one sign (at most [`MAX_STRIDE`]), the smallest being
+///   the stride: other flows from behind the same NAT may take ports between
+///   ours (churn), so the steps are multiples of the stride, not equal.
+///
+/// One step alone is trusted only if it is small: a random NAT gives any
+/// one step, but two equal large ones only about once in 65,000 tries.
 pub fn sequential_stride(steps: &[i32]) -> Option<i32> {
+    let first = *steps.first()?;
+    if first != 0 && steps.len() >= 2 && steps.iter().all(|s| *s == first) {
+        return Some(first);
+    }
     let small = |x: &i32| *x != 0 && x.unsigned_abs() <= u32::from(MAX_STRIDE);
     let one_sign = steps.iter().all(|x| *x > 0) || steps.iter().all(|x| *x < 0);
-    if steps.is_empty() || !one_sign || !steps.iter().all(small) {
+    if !one_sign || !steps.iter().all(small) {
         return None;
     }
     steps.iter().min_by_key(|x| x.abs()).copied()
@@ -138,6 +151,24 @@ mod tests {
         assert_eq!(sequential_stride(&[1, 65]), None);
         assert_eq!(sequential_stride(&[64]), Some(64));
         assert_eq!(sequential_stride(&[]), None);
+    }
+
+    #[test]
+    fn any_constant_delta_is_sequential() {
+        assert_eq!(sequential_stride(&[1000, 1000]), Some(1000));
+        assert_eq!(sequential_stride(&[-4099, -4099, -4099]), Some(-4099));
+        assert_eq!(sequential_stride(&[1000]), None, "one large step is chance");
+        assert_eq!(sequential_stride(&[1000, 999]), None);
+        assert_eq!(sequential_stride(&[0, 0]), None);
+        // Predictions follow it.
+        let last: SocketAddr = "203.0.113.9:20000".parse().unwrap();
+        assert_eq!(
+            predict(last, 1000, 3)
+                .iter()
+                .map(|a| a.port())
+                .collect::<Vec<_>>(),
+            vec![21000, 22000, 23000]
+        );
     }
 
     #[test]

@@ -406,6 +406,7 @@ impl ProtocolSender {
         self.mesh
             .send(MeshCommand::LinkSender {
                 peer: peer_id(peer)?,
+                protocol: self.protocol.wire_name(),
                 reply,
             })
             .await
@@ -463,7 +464,8 @@ impl LinkSender {
         self.tx.send(msg).await.map_err(|_| SendError::LinkClosed)
     }
 
-    /// Queues a message if there is room now (a router drops when full).
+    /// Queues a message if there is room now (a router drops when full: the
+    /// peer's application is slow, or the protocol's credit is spent).
     pub fn try_send(&self, payload: &[u8]) -> Result<(), SendError> {
         Self::check(payload)?;
         self.tx
@@ -474,8 +476,9 @@ impl LinkSender {
             })
     }
 
-    /// Messages waiting in the link's queue (every protocol's): a sender of
-    /// bulk data keeps it short so that small messages do not wait behind it.
+    /// Messages waiting in this protocol's queue on the link: a sender of
+    /// bulk data keeps it short so that its own small messages do not wait
+    /// behind it.
     pub fn queued(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
     }

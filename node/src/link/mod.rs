@@ -9,6 +9,13 @@
 //! punch and go through a forwarder is the sans-IO link policy's call; the
 //! worker carries its actions out and sleeps until its next timeout.
 //!
+//! Every application protocol is a flow of its own on the link, with its own
+//! sending queue and its own credit (`peermesh_traversal::flow_control`):
+//! the worker takes a protocol's messages only while the peer has granted
+//! room for them, hands every message it receives to its protocol at once,
+//! and never waits for an application. A protocol nobody drains pushes back
+//! on its own senders; the other protocols and the link's keep-alives go on.
+//!
 //! The worker is generic over the stream type so that its tests can run two
 //! workers against each other over in-memory pipes (`tests.rs`).
 
@@ -16,7 +23,9 @@
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,11 +33,12 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId};
 use peermesh_base::{NodeId, PathKind};
+use peermesh_traversal::flow_control::{Credits, Flood, DEFAULT_WINDOW};
 use peermesh_traversal::link_policy::{self, Action, LinkPolicy, PolicyConfig};
 use peermesh_traversal::path_switch::{self, PathId, PathSwitch};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
-use crate::protocol::{Dispatch, Undelivered, MAX_LINK_MESSAGE};
+use crate::protocol::{self, Control, Credit, Dispatch, Undelivered, MAX_LINK_MESSAGE};
 use crate::swarm::Command as SwarmCommand;
 
 /// Largest frame accepted on a stream (a full message plus headers).
@@ -40,9 +50,16 @@ const WRITE_STALL: Duration = Duration::from_secs(3);
 /// Application messages held beyond the path switch's own window.
 const PENDING_LIMIT: usize = 1024;
 /// Inputs (swarm events, frames from the path readers) queued towards one
-/// worker, and application messages queued on its sending side.
+/// worker.
 const INPUT_QUEUE: usize = 1024;
-const SEND_QUEUE: usize = 256;
+/// Application messages queued on one protocol's sending side of a link:
+/// with the peer's credit in front of it, a burst of up to twice the flow
+/// window waits without blocking its sender.
+const FLOW_QUEUE: usize = 256;
+/// Protocols one link carries at most: the node's own applications need a
+/// handful; the cap keeps a local program that invents protocol names from
+/// growing the link without bound.
+const MAX_FLOWS: usize = 64;
 /// Pings (one every 500 ms) over which loss is reported: the last 10 s.
 const PING_WINDOW: usize = 20;
 /// Status changes other than a new path are reported at most this often
@@ -103,6 +120,9 @@ pub struct LinkStatus {
     pub loss: f64,
     /// Messages for a protocol that nothing on this node runs.
     pub undeliverable: u64,
+    /// Messages beyond the credit the peer was granted for their protocol:
+    /// dropped (a member that floods is not obeyed).
+    pub flooded: u64,
 }
 
 impl Default for LinkStatus {
@@ -116,6 +136,7 @@ impl Default for LinkStatus {
             via: None,
             loss: 0.0,
             undeliverable: 0,
+            flooded: 0,
         }
     }
 }
@@ -137,8 +158,29 @@ pub enum PathEvent {
 
 pub struct LinkHandle<S> {
     pub input: mpsc::Sender<LinkInput<S>>,
-    pub send: mpsc::Sender<Bytes>,
+    /// The sending side of every protocol's flow, by protocol name.
+    flows: HashMap<Bytes, mpsc::Sender<Bytes>>,
+    new_flows: mpsc::UnboundedSender<(Bytes, mpsc::Receiver<Bytes>)>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl<S> LinkHandle<S> {
+    /// The sending side of `protocol`'s flow on this link (messages with
+    /// their protocol header), made on first use; `None` past
+    /// [`MAX_FLOWS`] protocols.
+    pub fn flow(&mut self, protocol: Bytes) -> Option<mpsc::Sender<Bytes>> {
+        self.flows.retain(|_, tx| !tx.is_closed());
+        if let Some(tx) = self.flows.get(&protocol) {
+            return Some(tx.clone());
+        }
+        if self.flows.len() >= MAX_FLOWS {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+        self.new_flows.send((protocol.clone(), rx)).ok()?;
+        self.flows.insert(protocol, tx.clone());
+        Some(tx)
+    }
 }
 
 impl<S> Drop for LinkHandle<S> {
@@ -182,6 +224,19 @@ struct Worker<S> {
     pings: HashMap<ConnectionId, VecDeque<bool>>,
     next_path: u32,
     pending: VecDeque<Bytes>,
+    /// The link's own messages (grants) waiting for the path switch's window.
+    control: VecDeque<Bytes>,
+    /// The sending side of every protocol, with its name; polled in turn
+    /// from `next_flow` while it has credit.
+    flows: Vec<(Bytes, mpsc::Receiver<Bytes>)>,
+    next_flow: usize,
+    credits: Credits<Bytes>,
+    /// Per protocol served here: delivered messages that the application
+    /// has released (counted by their [`Credit`]s), and how many of those
+    /// the credits know of.
+    released: HashMap<Bytes, (Arc<AtomicU64>, u64)>,
+    /// Woken when an application releases a message.
+    wake: Arc<Notify>,
     status: LinkStatus,
     last_status_sent: Option<(LinkStatus, Instant)>,
     /// Paths that came up or went down since the last report.
@@ -195,7 +250,7 @@ pub fn spawn<S: PathStream>(
     dispatch: Arc<Dispatch>,
 ) -> LinkHandle<S> {
     let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
-    let (send_tx, send_rx) = mpsc::channel(SEND_QUEUE);
+    let (flows_tx, flows_rx) = mpsc::unbounded_channel();
     let leads = link_policy::leads(&config.me.to_bytes(), &config.peer.to_bytes());
     let worker = Worker {
         peer: config.peer,
@@ -216,14 +271,21 @@ pub fn spawn<S: PathStream>(
         pings: HashMap::new(),
         next_path: 0,
         pending: VecDeque::new(),
+        control: VecDeque::new(),
+        flows: Vec::new(),
+        next_flow: 0,
+        credits: Credits::new(DEFAULT_WINDOW),
+        released: HashMap::new(),
+        wake: Arc::new(Notify::new()),
         status: LinkStatus::default(),
         last_status_sent: None,
         path_events: Vec::new(),
     };
-    let task = tokio::spawn(worker.run(input_rx, send_rx));
+    let task = tokio::spawn(worker.run(input_rx, flows_rx));
     LinkHandle {
         input: input_tx,
-        send: send_tx,
+        flows: HashMap::new(),
+        new_flows: flows_tx,
         task,
     }
 }
@@ -232,6 +294,29 @@ pub fn spawn<S: PathStream>(
 /// that pause tokio's clock to run the worker on virtual time.
 fn clock() -> Instant {
     tokio::time::Instant::now().into_std()
+}
+
+/// The next message of a flow that has credit, from flow `start` on in
+/// turn (so that no protocol starves another); `(i, None)` when flow `i`'s
+/// sender went away.
+fn poll_flows(
+    flows: &mut [(Bytes, mpsc::Receiver<Bytes>)],
+    credits: &Credits<Bytes>,
+    start: usize,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<(usize, Option<Bytes>)> {
+    let n = flows.len();
+    for k in 0..n {
+        let i = (start + k) % n;
+        let (name, rx) = &mut flows[i];
+        if !credits.can_send(name) {
+            continue;
+        }
+        if let Poll::Ready(m) = rx.poll_recv(cx) {
+            return Poll::Ready((i, m));
+        }
+    }
+    Poll::Pending
 }
 
 /// Sleeps until `t`, or forever.
@@ -246,7 +331,7 @@ impl<S: PathStream> Worker<S> {
     async fn run(
         mut self,
         mut inputs: mpsc::Receiver<LinkInput<S>>,
-        mut app: mpsc::Receiver<Bytes>,
+        mut new_flows: mpsc::UnboundedReceiver<(Bytes, mpsc::Receiver<Bytes>)>,
     ) {
         loop {
             if !self.flush().await || !self.act().await {
@@ -255,24 +340,98 @@ impl<S: PathStream> Worker<S> {
             let switch_timeout = self.switch.poll_timeout();
             let policy_timeout = self.policy.poll_timeout();
             let accept_app = self.pending.len() < PENDING_LIMIT;
+            let installed = self.dispatch.is_installed();
+            let (flows, credits, start) = (&mut self.flows, &self.credits, self.next_flow);
+            let app = std::future::poll_fn(|cx| {
+                if !accept_app {
+                    return Poll::Pending;
+                }
+                poll_flows(flows, credits, start, cx)
+            });
             tokio::select! {
                 input = inputs.recv() => match input {
                     Some(i) => self.on_input(i).await,
                     None => return,
                 },
-                msg = app.recv(), if accept_app => match msg {
+                flow = new_flows.recv() => match flow {
+                    Some(f) => self.flows.push(f),
+                    None => return,
+                },
+                (i, msg) = app => match msg {
                     Some(m) => {
+                        let name = self.flows[i].0.clone();
+                        self.next_flow = i + 1;
+                        self.credits.on_sent(&name);
                         self.pending.push_back(m);
                         // Every queued message while unconnected dials at
                         // once: the first byte to a new peer waits for
                         // nobody (seed 000).
                         self.policy.set_waiting(true, clock());
                     }
-                    None => return,
+                    None => {
+                        // Its sender went away (the application stopped).
+                        self.flows.swap_remove(i);
+                    }
                 },
+                _ = self.wake.notified() => self.collect_releases(),
+                _ = self.dispatch.installed(), if !installed => {}
                 _ = sleep_until(switch_timeout) => self.switch.handle_timeout(clock()),
                 _ = sleep_until(policy_timeout) => self.policy.handle_timeout(clock()),
             }
+        }
+    }
+
+    /// Counts what the applications released since the last look, and
+    /// grants the peer room for that much more.
+    fn collect_releases(&mut self) {
+        for (name, (count, seen)) in &mut self.released {
+            let now = count.load(Ordering::Relaxed);
+            if now > *seen {
+                self.credits.on_released(name, now - *seen);
+                *seen = now;
+            }
+        }
+        while let Some((protocol, limit)) = self.credits.poll_grant() {
+            self.control
+                .push_back(Control::Grant { protocol, limit }.encode());
+        }
+    }
+
+    /// One message from the peer, handed to its protocol at once.
+    fn deliver(&mut self, m: Bytes) {
+        if protocol::is_control(&m) {
+            match Control::decode(m) {
+                Some(Control::Grant { protocol, limit }) => self.credits.on_grant(&protocol, limit),
+                None => self.status.malformed += 1,
+            }
+            return;
+        }
+        let Some((name, data)) = protocol::decode(m) else {
+            self.status.malformed += 1;
+            return;
+        };
+        if !self.dispatch.serves(&name) {
+            // Nothing here runs it: dropped and counted, no credit state
+            // kept for names a peer makes up.
+            self.status.undeliverable += 1;
+            return;
+        }
+        if self.credits.on_received(&name) == Err(Flood) {
+            self.status.flooded += 1;
+            return;
+        }
+        let (count, _) = self
+            .released
+            .entry(name.clone())
+            .or_insert_with(|| (Arc::new(AtomicU64::new(0)), 0));
+        let credit = Credit::new(count.clone(), self.wake.clone());
+        match self
+            .dispatch
+            .deliver(self.peer_id, &name, data, Some(credit))
+        {
+            Ok(()) => {}
+            // The application stopped (its credit came back as it dropped).
+            Err(Undelivered::NoConsumer) => self.status.undeliverable += 1,
         }
     }
 
@@ -346,7 +505,6 @@ impl<S: PathStream> Worker<S> {
                     .get(&connection)
                     .map_or(PathKind::Relay, |(k, _)| *k);
                 self.add_path(connection, kind, stream, now);
-                self.policy.stream_up(kind, now);
             }
             LinkInput::Rtt { connection, rtt } => {
                 if let Some(rtt) = rtt {
@@ -449,6 +607,15 @@ impl<S: PathStream> Worker<S> {
     /// Moves messages and frames as far as they go; false when the node is gone.
     async fn flush(&mut self) -> bool {
         let now = clock();
+        while let Some(m) = self.control.front() {
+            match self.switch.send(m.clone()) {
+                Err(path_switch::SendError::WindowFull) => break,
+                // Sent, or refused for good (cannot happen: grants are small).
+                _ => {
+                    self.control.pop_front();
+                }
+            }
+        }
         while let Some(m) = self.pending.front() {
             match self.switch.send(m.clone()) {
                 Ok(()) => {
@@ -500,12 +667,13 @@ impl<S: PathStream> Worker<S> {
                 path_switch::Event::ProbeRtt { .. } => {}
             }
         }
-        while let Some(m) = self.switch.poll_deliver() {
-            match self.dispatch.deliver(self.peer_id, m).await {
-                Ok(()) => {}
-                Err(Undelivered::Malformed) => self.status.malformed += 1,
-                Err(Undelivered::NoConsumer) => self.status.undeliverable += 1,
-            }
+        // Until the router runs, received messages stay in the path switch
+        // (whose window then pushes back on the peer).
+        while self.dispatch.is_installed() {
+            let Some(m) = self.switch.poll_deliver() else {
+                break;
+            };
+            self.deliver(m);
         }
         if self.pending.is_empty() && self.switch.unacked() == 0 && self.policy.waiting() {
             self.policy.set_waiting(false, now);

@@ -53,6 +53,11 @@ impl Sim {
         Self::new(false, true)
     }
 
+    /// A leader that does not punch: its dials alone.
+    fn dialer() -> Self {
+        Self::new(true, false)
+    }
+
     fn t(&self) -> u64 {
         self.now.duration_since(self.base).as_millis() as u64
     }
@@ -101,12 +106,6 @@ impl Sim {
 
     fn disconnected(&mut self, kind: PathKind) -> &mut Self {
         self.p.disconnected(kind, self.now);
-        self.drain();
-        self
-    }
-
-    fn stream(&mut self, kind: PathKind) -> &mut Self {
-        self.p.stream_up(kind, self.now);
         self.drain();
         self
     }
@@ -182,14 +181,14 @@ fn leads_rule_smaller_id_leads() {
 
 #[test]
 fn leader_dials_at_once_when_addresses_arrive() {
-    let mut s = Sim::leader();
+    let mut s = Sim::dialer();
     s.at(1234).addresses(&[R1], &[]);
     assert_eq!(s.take(), [(1234, dial())]);
 }
 
 #[test]
 fn no_dial_without_addresses() {
-    let mut s = Sim::leader();
+    let mut s = Sim::dialer();
     s.waiting(true).dial_failed();
     assert_eq!(s.timeout(), None);
     s.run_to(10_000);
@@ -266,7 +265,7 @@ fn redial_every_500ms_while_unconnected() {
 
 #[test]
 fn dial_carries_the_current_relay_addresses() {
-    let mut s = Sim::leader();
+    let mut s = Sim::dialer();
     s.addresses(&[R1], &[]).at(200).addresses(&[R1, R2], &[]);
     s.at(200).addresses(&[R1, R2], &[]); // unchanged: no dial
     s.run_to(750);
@@ -393,77 +392,48 @@ fn unchanged_addresses_do_not_dial_again() {
 // ----- punching -------------------------------------------------------------
 
 #[test]
-fn punch_requested_when_a_relayed_stream_comes_up() {
+fn the_first_punch_goes_with_the_first_addresses_beside_the_relay_dial() {
     let mut s = Sim::leader();
-    s.addresses(&[R1], &[]).at(100).connected(PathKind::Relay);
-    assert_eq!(s.take(), [(0, dial())], "not on the connection alone");
-    s.at(130).stream(PathKind::Relay);
-    assert_eq!(s.take(), [(130, Action::RequestPunch)]);
+    s.addresses(&[R1], &[]);
+    assert_eq!(s.take(), [(0, dial()), (0, Action::RequestPunch)]);
     assert_eq!(s.p.punch_attempts(), 1);
+    // The relayed connection and its stream change nothing: the next
+    // request waits for the backoff.
+    s.at(100).connected(PathKind::Relay);
+    s.run_to(499);
+    assert_eq!(s.take(), []);
+    s.run_to(500);
+    assert_eq!(s.take(), [(500, Action::RequestPunch)]);
 }
 
 #[test]
-fn punch_requested_when_a_forwarded_stream_comes_up() {
+fn a_group_without_relays_punches_at_once_and_backs_off() {
     let mut s = Sim::leader();
-    s.addresses(&[R1], &[F1]).take();
-    s.at(100)
-        .connected(PathKind::Forwarded)
-        .at(120)
-        .stream(PathKind::Forwarded);
-    assert_eq!(s.take(), [(120, Action::RequestPunch)]);
+    s.at(30).addresses(&[], &[]);
+    assert_eq!(s.take(), [(30, Action::RequestPunch)], "no relay to dial");
+    s.run_to(3600);
+    assert_eq!(s.times(&Action::RequestPunch), [530, 1530, 3530]);
+    // Until a direct connection is up.
+    s.connected(PathKind::Direct);
+    assert_eq!(s.timeout(), None);
+}
+
+#[test]
+fn nothing_is_punched_before_the_link_knows_the_peer() {
+    let mut s = Sim::leader();
+    s.connected(PathKind::Relay);
+    s.run_to(60_000);
+    assert_eq!(s.take(), []);
+    assert_eq!(s.timeout(), None);
 }
 
 #[test]
 fn no_punch_on_a_direct_stream() {
     let mut s = Sim::leader();
     s.addresses(&[R1], &[]).take();
-    s.at(100)
-        .connected(PathKind::Direct)
-        .stream(PathKind::Direct);
+    s.at(100).connected(PathKind::Direct);
     s.run_to(60_000);
     assert_eq!(s.take(), []);
-}
-
-#[test]
-fn punch_without_a_stream_after_the_grace() {
-    let mut s = Sim::leader();
-    s.addresses(&[R1], &[]).take();
-    s.at(100).connected(PathKind::Relay).run_to(601);
-    assert_eq!(s.times(&Action::RequestPunch), [600]);
-}
-
-#[test]
-fn second_relayed_connection_does_not_delay_the_punch() {
-    let mut s = Sim::leader();
-    s.addresses(&[R1], &[]).take();
-    s.connected(PathKind::Relay)
-        .at(300)
-        .connected(PathKind::Relay);
-    s.run_to(999);
-    assert_eq!(s.times(&Action::RequestPunch), [500]);
-}
-
-#[test]
-fn relay_reconnect_waits_for_its_stream_again() {
-    let mut s = Sim::leader();
-    s.addresses(&[R1], &[]).connected(PathKind::Relay);
-    s.at(100)
-        .disconnected(PathKind::Relay)
-        .at(10_000)
-        .connected(PathKind::Relay);
-    assert_eq!(s.times(&Action::RequestPunch), [], "not on the connection");
-    s.at(10_050).stream(PathKind::Relay);
-    assert_eq!(s.times(&Action::RequestPunch), [10_050]);
-}
-
-#[test]
-fn stream_before_its_connection_punches_after_the_grace() {
-    let mut s = Sim::leader();
-    s.addresses(&[R1], &[]).take();
-    s.at(100).stream(PathKind::Relay); // no connection yet: nothing
-    assert_eq!(s.take(), []);
-    s.at(110).connected(PathKind::Relay).run_to(700);
-    assert_eq!(s.times(&Action::RequestPunch), [610]);
 }
 
 #[test]
@@ -471,7 +441,7 @@ fn no_punch_for_the_follower_or_without_control_punch() {
     for (leads, control_punch) in [(false, true), (true, false), (false, false)] {
         let mut s = Sim::new(leads, control_punch);
         s.waiting(true).addresses(&[R1], &[]).take();
-        s.at(100).connected(PathKind::Relay).stream(PathKind::Relay);
+        s.at(100).connected(PathKind::Relay);
         assert_eq!(s.timeout(), None, "idle relayed link");
         s.run_to(120_000);
         assert_eq!(s.take(), [], "leads={leads} control_punch={control_punch}");
@@ -482,10 +452,11 @@ fn no_punch_for_the_follower_or_without_control_punch() {
 #[test]
 fn punch_backoff_doubles_to_16s_with_the_defaults() {
     let mut s = Sim::leader();
-    s.addresses(&[R1], &[]).take();
-    s.connected(PathKind::Relay).stream(PathKind::Relay);
+    s.addresses(&[R1], &[]);
+    s.connected(PathKind::Relay);
     s.run_to(80_000);
     let t = s.times(&Action::RequestPunch);
+    assert_eq!(t[0], 0);
     let gaps: Vec<u64> = t.windows(2).map(|w| w[1] - w[0]).collect();
     assert_eq!(
         gaps,
@@ -501,30 +472,20 @@ fn punch_backoff_is_capped_at_the_max() {
     };
     let mut s = Sim::with_config(config, true, true);
     s.addresses(&[R1], &[]).connected(PathKind::Relay);
-    s.stream(PathKind::Relay).run_to(150_000);
+    s.run_to(150_000);
     let t = s.times(&Action::RequestPunch);
     let gaps: Vec<u64> = t.windows(2).map(|w| w[1] - w[0]).collect();
     assert_eq!(gaps, [1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
 }
 
 #[test]
-fn stream_within_the_backoff_does_not_punch_again() {
-    let mut s = Sim::leader();
-    s.addresses(&[R1], &[]).take();
-    s.connected(PathKind::Relay).stream(PathKind::Relay);
-    s.at(200).connected(PathKind::Relay).stream(PathKind::Relay);
-    s.run_to(600);
-    assert_eq!(s.times(&Action::RequestPunch), [0, 500]);
-}
-
-#[test]
 fn no_punch_while_a_direct_connection_is_up() {
     let mut s = Sim::leader();
     s.addresses(&[R1], &[]).connected(PathKind::Relay);
-    s.stream(PathKind::Relay).run_to(3700);
+    s.run_to(3700);
     assert_eq!(s.times(&Action::RequestPunch), [0, 500, 1500, 3500]);
-    s.connected(PathKind::Direct).stream(PathKind::Direct);
-    s.at(3800).stream(PathKind::Relay); // a relayed stream: still no punch
+    s.connected(PathKind::Direct);
+    s.at(3800); // a relayed stream: still no punch
     assert_eq!(s.timeout(), None);
     s.run_to(120_000);
     assert_eq!(s.take(), []);
@@ -535,7 +496,7 @@ fn no_punch_while_a_direct_connection_is_up() {
 fn direct_lost_resets_the_backoff_and_punches_at_once() {
     let mut s = Sim::leader();
     s.addresses(&[R1], &[]).connected(PathKind::Relay);
-    s.stream(PathKind::Relay).run_to(20_000);
+    s.run_to(20_000);
     assert_eq!(s.p.punch_attempts(), 6);
     s.connected(PathKind::Direct).take();
     s.at(50_000).disconnected(PathKind::Direct);
@@ -559,38 +520,34 @@ fn direct_lost_while_another_direct_is_up_punches_nothing() {
 }
 
 #[test]
-fn direct_lost_without_a_relay_punches_on_the_next_relayed_stream() {
+fn direct_lost_without_a_relay_punches_at_once_beside_the_redial() {
     let mut s = Sim::leader();
-    s.addresses(&[R1], &[])
-        .connected(PathKind::Relay)
-        .stream(PathKind::Relay);
+    s.addresses(&[R1], &[]).connected(PathKind::Relay);
     s.run_to(4000);
     s.connected(PathKind::Direct)
         .at(4100)
         .disconnected(PathKind::Relay);
     s.take();
     s.at(10_000).disconnected(PathKind::Direct);
-    // Nothing relayed to punch from; the redial (cadence long spent) goes.
-    assert_eq!(s.take(), [(10_000, dial())]);
-    assert_eq!(s.p.punch_attempts(), 0);
-    s.at(10_200)
-        .connected(PathKind::Relay)
-        .at(10_230)
-        .stream(PathKind::Relay);
-    assert_eq!(s.take(), [(10_230, Action::RequestPunch)]);
+    // The redial (cadence long spent) and the punch go at once: a direct
+    // path needs no relayed one first.
+    assert_eq!(s.take(), [(10_000, dial()), (10_000, Action::RequestPunch)]);
+    assert_eq!(s.p.punch_attempts(), 1);
+    s.at(10_200).connected(PathKind::Relay).at(10_230);
+    assert_eq!(s.take(), [], "the backoff holds");
+    s.run_to(10_500);
+    assert_eq!(s.times(&Action::RequestPunch), [10_500]);
 }
 
 #[test]
 fn punch_backoff_survives_a_relay_reconnect() {
-    // As in the worker: only a lost direct connection resets the backoff.
+    // Only a lost direct connection resets the backoff.
     let mut s = Sim::leader();
-    s.addresses(&[R1], &[])
-        .connected(PathKind::Relay)
-        .stream(PathKind::Relay);
+    s.addresses(&[R1], &[]).connected(PathKind::Relay);
     s.run_to(600);
     assert_eq!(s.times(&Action::RequestPunch), [0, 500]);
     s.disconnected(PathKind::Relay).take();
-    s.at(700).connected(PathKind::Relay).stream(PathKind::Relay);
+    s.at(700).connected(PathKind::Relay);
     s.run_to(1600);
     assert_eq!(s.times(&Action::RequestPunch), [1500]);
     assert_eq!(s.p.punch_attempts(), 3);
@@ -682,10 +639,7 @@ fn poll_timeout_none_on_an_idle_direct_link() {
     let mut s = Sim::leader();
     assert_eq!(s.timeout(), None, "fresh");
     s.addresses(&[R1], &[F1]).connected(PathKind::Relay);
-    s.stream(PathKind::Relay)
-        .at(300)
-        .connected(PathKind::Direct);
-    s.stream(PathKind::Direct);
+    s.at(300).connected(PathKind::Direct);
     assert_eq!(s.timeout(), None);
 }
 
@@ -693,25 +647,25 @@ fn poll_timeout_none_on_an_idle_direct_link() {
 fn poll_timeout_is_the_earliest_due_instant() {
     let mut s = Sim::leader();
     s.addresses(&[R1], &[F1]);
-    assert_eq!(s.timeout(), Some(500), "redial before the forwarder's 2 s");
+    assert_eq!(
+        s.timeout(),
+        Some(500),
+        "redial and punch before the forwarder's 2 s"
+    );
     s.at(100).dial_failed();
     assert_eq!(s.timeout(), Some(150), "the quick redial");
     s.at(200).connected(PathKind::Relay);
-    assert_eq!(s.timeout(), Some(700), "the punch's stream grace");
-    s.stream(PathKind::Relay);
-    assert_eq!(s.timeout(), Some(700), "the punch backoff");
-    s.run_to(701);
-    assert_eq!(s.timeout(), Some(1700));
-    s.run_to(1701);
+    assert_eq!(s.timeout(), Some(500), "the punch backoff");
+    s.run_to(501);
+    assert_eq!(s.timeout(), Some(1500));
+    s.run_to(1501);
     assert_eq!(s.timeout(), Some(2000), "the forwarder's backoff");
 }
 
 #[test]
 fn early_wakeup_does_nothing() {
     let mut s = Sim::leader();
-    s.addresses(&[R1], &[F1])
-        .connected(PathKind::Relay)
-        .stream(PathKind::Relay);
+    s.addresses(&[R1], &[F1]).connected(PathKind::Relay);
     s.take();
     let due = s.p.poll_timeout().unwrap();
     s.p.handle_timeout(due - ms(1));
@@ -721,7 +675,7 @@ fn early_wakeup_does_nothing() {
 
 #[test]
 fn late_wakeup_acts_once() {
-    let mut s = Sim::leader();
+    let mut s = Sim::dialer();
     s.addresses(&[R1], &[]).take();
     // The worker was stalled for 3 s: one dial, not six.
     let late = s.base + ms(3000);
@@ -748,7 +702,6 @@ enum Ev {
     },
     Connected(PathKind),
     Disconnected(PathKind),
-    Stream(PathKind),
     DialFailed,
     Waiting(bool),
 }
@@ -771,7 +724,6 @@ fn ev() -> impl Strategy<Value = Ev> {
             .prop_map(|(relay, forwarded, best)| Ev::Addresses { relay, forwarded, best }),
         3 => kind().prop_map(Ev::Connected),
         3 => kind().prop_map(Ev::Disconnected),
-        2 => kind().prop_map(Ev::Stream),
         2 => Just(Ev::DialFailed),
         1 => any::<bool>().prop_map(Ev::Waiting),
     ]
@@ -785,6 +737,8 @@ struct Model {
     forwarded: Vec<Addr>,
     conns: [u32; 3],
     ever_waiting: bool,
+    /// Whether the link has had addresses (it knows the peer).
+    started: bool,
     /// First instant with relay addresses and no connection.
     dial_since: Option<Instant>,
     last_dial: Option<Instant>,
@@ -809,7 +763,7 @@ impl Model {
     }
 
     fn wants_punch(&self) -> bool {
-        self.leads && self.control_punch && self.connected() && self.conns[1] == 0
+        self.leads && self.control_punch && self.started && self.conns[1] == 0
     }
 
     fn forward_eligible(&self) -> bool {
@@ -825,12 +779,6 @@ impl Model {
                 || self
                     .dial_since
                     .is_some_and(|s| now >= s + c.follower_patience))
-    }
-
-    /// A punch request is not held back by the backoff at `now`.
-    fn punch_allowed(&self, now: Instant, c: &PolicyConfig) -> bool {
-        self.last_punch
-            .is_none_or(|(t, n)| now >= t + c.punch_backoff(n - 1))
     }
 }
 
@@ -883,7 +831,7 @@ impl Checker {
                 Action::RequestPunch => {
                     prop_assert!(m.leads && m.control_punch);
                     prop_assert!(m.conns[1] == 0, "RequestPunch with a direct connection");
-                    prop_assert!(m.connected(), "RequestPunch with nothing to punch from");
+                    prop_assert!(m.started, "RequestPunch before the peer is known");
                     let n = match m.last_punch {
                         Some((t, n)) => {
                             prop_assert!(now >= t + c.punch_backoff(n - 1), "punch backoff");
@@ -927,16 +875,15 @@ impl Checker {
             let limit = (now + c.redial).max(patience_end);
             prop_assert!(timeout.is_some_and(|t| t <= limit), "dial starved");
         }
-        let wants_punch = m.leads && m.control_punch && m.connected() && m.conns[1] == 0;
-        if wants_punch {
-            let limit = now + c.punch_backoff(u32::MAX).max(c.punch_stream_grace);
+        if m.wants_punch() {
+            let limit = now + c.punch_backoff(u32::MAX);
             prop_assert!(timeout.is_some_and(|t| t <= limit), "punch starved");
         }
         if !m.forwarded.is_empty() && m.conns[1] == 0 && m.conns[2] == 0 {
             let limit = now + c.forward_backoff(u32::MAX);
             prop_assert!(timeout.is_some_and(|t| t <= limit), "forward starved");
         }
-        if !m.connected() && m.relay.is_empty() && m.forwarded.is_empty() {
+        if !m.connected() && m.relay.is_empty() && m.forwarded.is_empty() && !m.wants_punch() {
             prop_assert_eq!(timeout, None, "nothing to do but a timer");
         }
         prop_assert_eq!(self.p.punch_attempts(), m.last_punch.map_or(0, |(_, n)| n));
@@ -995,13 +942,18 @@ impl Checker {
                     self.m.last_forward = None;
                 }
                 let changed = self.m.relay != relay;
+                let first = !self.m.started;
                 self.m.relay = relay.clone();
                 self.m.forwarded = forwarded.clone();
+                self.m.started = true;
                 self.p.set_addresses(relay, forwarded, self.now);
                 let ready = self.m.dial_ready(self.now, self.p.waiting(), &self.config);
                 let e = self.after_call(false)?;
                 if changed && ready {
                     prop_assert!(e.dial, "new addresses not dialed");
+                }
+                if first && self.m.wants_punch() {
+                    prop_assert!(e.punch, "no punch with the first addresses");
                 }
             }
             Ev::Connected(k) => {
@@ -1024,16 +976,6 @@ impl Checker {
                 let e = self.after_call(false)?;
                 if direct_lost && self.m.wants_punch() {
                     prop_assert!(e.punch, "no punch at once after the direct loss");
-                }
-            }
-            Ev::Stream(k) => {
-                let due = k != PathKind::Direct
-                    && self.m.wants_punch()
-                    && self.m.punch_allowed(self.now, &self.config);
-                self.p.stream_up(k, self.now);
-                let e = self.after_call(false)?;
-                if due {
-                    prop_assert!(e.punch, "relayed stream up, no punch");
                 }
             }
             Ev::DialFailed => {
@@ -1078,6 +1020,7 @@ proptest! {
                 forwarded: Vec::new(),
                 conns: [0; 3],
                 ever_waiting: false,
+                started: false,
                 dial_since: None,
                 last_dial: None,
                 quick_times: Vec::new(),
@@ -1113,7 +1056,6 @@ proptest! {
                     conns[idx(k)] = conns[idx(k)].saturating_sub(1);
                     p.disconnected(k, now)
                 }
-                Ev::Stream(k) => p.stream_up(k, now),
                 Ev::DialFailed => p.dial_failed(now),
                 Ev::Early | Ev::Addresses { .. } | Ev::Waiting(_) => {}
             }

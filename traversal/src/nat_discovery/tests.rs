@@ -148,6 +148,10 @@ fn every_nat() -> Vec<(&'static str, Option<NatConfig>)> {
                 Some(NatConfig::symmetric_sequential(7).wan_firewall(fw)),
             ),
             (
+                "sequential stride 1000",
+                Some(NatConfig::symmetric_sequential(1000).wan_firewall(fw)),
+            ),
+            (
                 "random",
                 Some(NatConfig::symmetric_random().wan_firewall(fw)),
             ),
