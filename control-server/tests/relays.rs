@@ -152,7 +152,10 @@ impl Srv {
         assert!(info.relay);
         assert!(info.group.is_empty());
         // The request carries the secret; the pin is the client's.
-        Ok(r.token.parse::<JoinToken>().expect("a well-formed token").secret)
+        Ok(r.token
+            .parse::<JoinToken>()
+            .expect("a well-formed token")
+            .secret)
     }
 
     async fn join(&self, kp: &Keypair, token: &str, name: &str) -> Result<JoinResponse, Status> {

@@ -209,6 +209,21 @@ impl ControlClient {
     }
 
     pub async fn join(&mut self, token: &JoinToken, name: &str) -> Result<JoinResponse, Status> {
+        let plaintext = self
+            .url
+            .get(..7)
+            .is_some_and(|s| s.eq_ignore_ascii_case("http://"));
+        if plaintext && self.security.trust.pin().is_some() {
+            // Without TLS nothing proves the server's key before the token
+            // is sent: ask for the key first, so that a token meant for
+            // another server is not spent here (the join's answer is
+            // checked again, and the map signatures hold either way).
+            let (identity, _) = peermesh_proto::client::fetch_identity(&self.url).await?;
+            self.security
+                .trust
+                .accept(&identity.server_id, Some(&identity))
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        }
         let public_key = self.keypair.public().encode_protobuf();
         let timestamp_ms = self.next_ts();
         let payload = signing::join_payload(&token.secret, &public_key, name, timestamp_ms);

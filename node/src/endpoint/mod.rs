@@ -171,6 +171,9 @@ impl Endpoint {
                 code: Code::InvalidArgument,
                 message: format!("--token: {e}"),
             })?;
+        if token.is_none() && remembered.is_none() {
+            return Err(NodeError::NotJoined);
+        }
         // The server key: pinned by the token, or remembered since the join.
         let pin = match (&token, &remembered) {
             (Some(t), _) if t.pin.is_some() => t.pin,
