@@ -460,7 +460,7 @@ mod tests {
             key: b"k1".to_vec(),
             ..Default::default()
         };
-        assert_eq!(t.accept("s", Some(&id)).unwrap().1, true);
+        assert!(t.accept("s", Some(&id)).unwrap().1);
         assert_eq!(t.pin(), Some(KeyPin::of_spki(b"k1")));
         let other = ServerIdentity {
             key: b"k2".to_vec(),

@@ -34,8 +34,13 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start() -> Self {
+        Self::start_with(peermesh_control_server::server::Options::default()).await
+    }
+
+    /// A server with other limits or certificate than the defaults.
+    pub async fn start_with(options: peermesh_control_server::server::Options) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let server = Server::bind("127.0.0.1:0".parse().unwrap(), dir.path())
+        let server = Server::bind_with("127.0.0.1:0".parse().unwrap(), dir.path(), options)
             .await
             .expect("bind");
         let addr = server.local_addr().expect("local addr");
