@@ -77,10 +77,7 @@ pub enum MapError {
 /// A watch stream whose updates are checked against the server key.
 pub struct MapStream {
     inner: Streaming<SignedMapUpdate>,
-    client: ControlClient,
-    nonce: Vec<u8>,
-    /// The group and feed epoch of this stream's full map.
-    base: Option<(String, Vec<u8>)>,
+    checker: MapChecker,
 }
 
 impl MapStream {
@@ -89,9 +86,24 @@ impl MapStream {
         let Some(signed) = self.inner.message().await.map_err(MapError::Status)? else {
             return Ok(None);
         };
-        self.check(signed).map(Some).map_err(MapError::Refused)
+        self.checker
+            .check(signed)
+            .map(Some)
+            .map_err(MapError::Refused)
     }
+}
 
+/// Checks one watch stream's updates: full maps and punches signed for this
+/// node and this stream's nonce, deltas for the group and the feed epoch of
+/// the stream's full map, all by the pinned server key.
+struct MapChecker {
+    client: ControlClient,
+    nonce: Vec<u8>,
+    /// The group and feed epoch of this stream's full map.
+    base: Option<(String, Vec<u8>)>,
+}
+
+impl MapChecker {
     fn check(&mut self, signed: SignedMapUpdate) -> Result<NetworkMapUpdate, MapRefused> {
         let update = NetworkMapUpdate::decode(signed.update.as_ref())?;
         let (server_id, node_id) = {
@@ -303,9 +315,11 @@ impl ControlClient {
         };
         Ok(MapStream {
             inner,
-            client: self.clone(),
-            nonce,
-            base: None,
+            checker: MapChecker {
+                client: self.clone(),
+                nonce,
+                base: None,
+            },
         })
     }
 
@@ -361,5 +375,199 @@ impl ControlClient {
         });
         self.rpc.punch_ready(req).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use peermesh_proto::api::{NetworkMap, Peer, ServerSignature};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use rustls::sign::SigningKey;
+    use rustls::SignatureScheme;
+
+    use super::*;
+
+    const SERVER: &str = "srv_test";
+    const ME: &str = "me";
+    const GROUP: &str = "g";
+    const EPOCH: [u8; 16] = [9; 16];
+
+    /// A server key: what signs, and its SubjectPublicKeyInfo.
+    struct Key {
+        signer: Arc<dyn SigningKey>,
+        spki: Vec<u8>,
+    }
+
+    impl Key {
+        fn new() -> Self {
+            let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let der = PrivateKeyDer::from(PrivatePkcs8KeyDer::from(kp.serialize_der()));
+            Self {
+                signer: tls::provider().key_provider.load_private_key(der).unwrap(),
+                spki: kp.public_key_der(),
+            }
+        }
+
+        fn sign(&self, msg: &[u8]) -> ServerSignature {
+            let signer = self
+                .signer
+                .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
+                .unwrap();
+            ServerSignature {
+                key_pin: KeyPin::of_spki(&self.spki).0.to_vec(),
+                scheme: u32::from(u16::from(signer.scheme())),
+                signature: signer.sign(msg).unwrap(),
+            }
+        }
+
+        fn identity(&self) -> ServerIdentity {
+            ServerIdentity {
+                key: self.spki.clone(),
+                rotations: vec![],
+                server_id: SERVER.into(),
+            }
+        }
+
+        /// `u` signed as the server signs a full map for `nonce`.
+        fn personal(&self, u: &NetworkMapUpdate, nonce: &[u8]) -> SignedMapUpdate {
+            let update = u.encode_to_vec();
+            SignedMapUpdate {
+                signature: Some(
+                    self.sign(&signing::map_personal_payload(SERVER, ME, nonce, &update)),
+                ),
+                update: update.into(),
+            }
+        }
+
+        /// `u` signed as the server signs a delta of the group.
+        fn delta(&self, u: &NetworkMapUpdate) -> SignedMapUpdate {
+            let update = u.encode_to_vec();
+            SignedMapUpdate {
+                signature: Some(
+                    self.sign(&signing::map_delta_payload(SERVER, GROUP, &EPOCH, &update)),
+                ),
+                update: update.into(),
+            }
+        }
+    }
+
+    /// A checker of a node that joined the server with `key`.
+    fn checker(key: &Key, nonce: &[u8]) -> MapChecker {
+        let client = ControlClient::new(
+            "http://127.0.0.1:1",
+            Keypair::generate_ed25519(),
+            Security::pinned(Some(KeyPin::of_spki(&key.spki))),
+        )
+        .unwrap();
+        {
+            let mut s = client.session_mut();
+            s.server_id = SERVER.into();
+            s.node_id = ME.into();
+            s.server_key = key.spki.clone();
+        }
+        MapChecker {
+            client,
+            nonce: nonce.to_vec(),
+            base: None,
+        }
+    }
+
+    fn peer(id: &str, address: &str) -> Peer {
+        Peer {
+            node_id: id.into(),
+            addresses: vec![address.into()],
+            ..Default::default()
+        }
+    }
+
+    fn full(identity: ServerIdentity, peers: Vec<Peer>) -> NetworkMapUpdate {
+        NetworkMapUpdate {
+            version: 1,
+            kind: Some(Kind::Full(NetworkMap {
+                group: GROUP.into(),
+                self_node: Some(peer(ME, "/ip4/192.0.2.1/udp/1/quic-v1")),
+                peers,
+                epoch: EPOCH.to_vec(),
+                server_identity: Some(identity),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn upsert(version: u64, p: Peer) -> NetworkMapUpdate {
+        NetworkMapUpdate {
+            version,
+            kind: Some(Kind::PeerUpsert(p)),
+        }
+    }
+
+    /// `signed` with its update replaced by `u` (the signature kept): what a
+    /// proxy on the path that rewrites maps sends.
+    fn rewritten(signed: &SignedMapUpdate, u: &NetworkMapUpdate) -> SignedMapUpdate {
+        SignedMapUpdate {
+            update: u.encode_to_vec().into(),
+            signature: signed.signature.clone(),
+        }
+    }
+
+    #[tokio::test]
+    async fn signed_maps_pass_and_rewritten_ones_are_refused() {
+        let key = Key::new();
+        let nonce = [7u8; 32];
+        let mut c = checker(&key, &nonce);
+        let bob = peer("bob", "/ip4/192.0.2.2/udp/2/quic-v1");
+
+        // A delta before any full map has nothing to be checked against.
+        let early = key.delta(&upsert(2, bob.clone()));
+        assert!(matches!(c.check(early), Err(MapRefused::NoBase)));
+
+        // The full map as the server signed it.
+        let map = full(key.identity(), vec![bob.clone()]);
+        let signed = key.personal(&map, &nonce);
+        assert_eq!(c.check(signed.clone()).unwrap(), map);
+
+        // A peer added on the path.
+        let mallory = peer("mallory", "/ip4/203.0.113.66/udp/6/quic-v1");
+        let added = full(key.identity(), vec![bob.clone(), mallory.clone()]);
+        assert!(matches!(
+            c.check(rewritten(&signed, &added)),
+            Err(MapRefused::Signature(tls::SignatureError::Invalid(_)))
+        ));
+        // The right map, replayed from another stream (another nonce).
+        let other_stream = key.personal(&map, &[8u8; 32]);
+        assert!(matches!(
+            c.check(other_stream),
+            Err(MapRefused::Signature(tls::SignatureError::Invalid(_)))
+        ));
+
+        // A delta as signed passes; its address changed on the path does not.
+        let moved = peer("bob", "/ip4/192.0.2.2/udp/3/quic-v1");
+        let delta = key.delta(&upsert(2, moved));
+        c.check(delta.clone()).expect("a signed delta");
+        let hijacked = peer("bob", "/ip4/203.0.113.66/udp/6/quic-v1");
+        assert!(matches!(
+            c.check(rewritten(&delta, &upsert(2, hijacked.clone()))),
+            Err(MapRefused::Signature(tls::SignatureError::Invalid(_)))
+        ));
+
+        // The proxy signs with its own key: not the server's.
+        let proxy = Key::new();
+        assert!(matches!(
+            c.check(proxy.delta(&upsert(3, hijacked))),
+            Err(MapRefused::Signature(tls::SignatureError::WrongKey { .. }))
+        ));
+        // …nor can it swap its key in through a full map.
+        let swapped = full(proxy.identity(), vec![bob, mallory]);
+        assert!(matches!(
+            c.check(proxy.personal(&swapped, &nonce)),
+            Err(MapRefused::Trust(TrustError::Mismatch { .. }))
+        ));
+        assert_eq!(
+            c.client.server_pin(),
+            Some(KeyPin::of_spki(&key.spki)),
+            "the pin did not move"
+        );
     }
 }
