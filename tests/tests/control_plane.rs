@@ -304,3 +304,45 @@ fn plaintext_only_to_loopback_and_the_pin_holds_there_too() -> Result<()> {
     b.wait_peers(&["a"], SLOW)?;
     Ok(())
 }
+
+#[test]
+fn nodes_follow_a_rotation_of_the_server_key() -> Result<()> {
+    let mut lab = Lab::start()?;
+    lab.server.create_group("g")?;
+    let t1 = lab.server.token("g")?;
+    let t2 = lab.server.token("g")?;
+    let mut a = lab.node("a", Some(&t1), &[])?;
+    let b = lab.node("b", Some(&t2), &[])?;
+    a.wait_peers(&["b"], SLOW)?;
+    b.wait_peers(&["a"], SLOW)?;
+    let old = pin_of(&t1).to_string();
+
+    let out = lab.server.admin(&["rotate-key"])?;
+    assert!(out.contains(&old), "{out}");
+    // New tokens pin the new key.
+    let t3 = lab.server.token("g")?;
+    let new = pin_of(&t3).to_string();
+    assert_ne!(new, old);
+    assert!(out.contains(&new), "{out}");
+
+    // The running nodes follow the old key's signature over the new one and
+    // keep the new pin; a restart without a token uses it.
+    let key_of = |state: &std::path::Path| -> Option<String> {
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(state.join("node.json")).ok()?).ok()?;
+        m["server_key"].as_str().map(str::to_string)
+    };
+    a.stop()?;
+    let a = lab.node("a", None, &[])?;
+    wait_for(SLOW, "a to pin the new key", || {
+        (key_of(&a.state)? == new).then_some(())
+    })?;
+    a.wait_peers(&["b"], SLOW)?;
+    // A node joining with a token of the old key follows the rotation too.
+    let c = lab.node("c", Some(&lab.server.token("g")?.replace(&new, &old)), &[])?;
+    c.wait_peers(&["a", "b"], SLOW)?;
+    assert_eq!(key_of(&c.state).as_deref(), Some(new.as_str()));
+    let d = lab.node("d", Some(&t3), &[])?;
+    d.wait_peers(&["a", "b", "c"], SLOW)?;
+    Ok(())
+}
