@@ -155,26 +155,6 @@ impl NetworkMap {
         let own_id = self.self_node.as_ref().map(|p| p.node_id.as_str());
         Ok(match kind {
             Kind::Full(_) | Kind::Punch(_) => unreachable!("handled above"),
-            Kind::Presence(presence) => {
-                let mut changes = Vec::new();
-                for c in presence.changes {
-                    if self
-                        .self_node
-                        .as_ref()
-                        .is_some_and(|me| me.node_id == c.node_id)
-                    {
-                        continue;
-                    }
-                    if let Some(p) = self.peers.get_mut(&c.node_id) {
-                        if p.online != c.online || p.last_seen_ms != c.last_seen_ms {
-                            p.online = c.online;
-                            p.last_seen_ms = c.last_seen_ms;
-                            changes.push(MapChange::Updated(p.clone()));
-                        }
-                    }
-                }
-                changes
-            }
             Kind::PeerUpsert(p) if Some(p.node_id.as_str()) == own_id => {
                 self.self_node = Some(p.clone());
                 vec![MapChange::SelfUpdated(p)]
