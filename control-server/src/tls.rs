@@ -780,3 +780,45 @@ async fn accept(
         idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_only_from_loopback_unless_insecure() {
+        let only_loopback = PlaintextPolicy { anywhere: false };
+        let from = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert!(only_loopback.allows(&from("127.0.0.1:5000")));
+        assert!(only_loopback.allows(&from("[::1]:5000")));
+        // An IPv4 loopback client on a dual-stack listener.
+        assert!(only_loopback.allows(&from("[::ffff:127.0.0.1]:5000")));
+        assert!(!only_loopback.allows(&from("192.0.2.1:5000")));
+        assert!(!only_loopback.allows(&from("[::ffff:192.0.2.1]:5000")));
+        assert!(!only_loopback.allows(&from("[2001:db8::1]:5000")));
+        let insecure = PlaintextPolicy { anywhere: true };
+        assert!(insecure.allows(&from("192.0.2.1:5000")));
+    }
+
+    #[test]
+    fn a_refused_plaintext_connection_is_told_why() {
+        let info = |remote: &str, tls: bool, refused: bool| ConnInfo {
+            remote: remote.parse().unwrap(),
+            tls,
+            plaintext_refused: refused,
+            activity: Arc::new(Activity::new()),
+        };
+        let refusal = info("192.0.2.1:5000", false, true)
+            .refusal()
+            .expect("refused");
+        assert_eq!(refusal.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            refusal
+                .message()
+                .contains("only from loopback, and 192.0.2.1 is not"),
+            "{}",
+            refusal.message()
+        );
+        assert!(info("192.0.2.1:5000", true, false).refusal().is_none());
+    }
+}

@@ -241,6 +241,24 @@ fn a_node_joins_over_tls_and_refuses_a_server_with_another_key() -> Result<()> {
         "no token was used: {tokens:#}"
     );
 
+    // The admin CLI pins too: given another fingerprint, it refuses the
+    // server and names both keys.
+    let out = std::process::Command::new(&Bins::get().control_server)
+        .args([
+            "admin",
+            "--server",
+            &url,
+            "--server-key",
+            pin_of(&with_wrong_pin(&t2)),
+        ])
+        .arg("--data")
+        .arg(&lab.server.data)
+        .arg("groups")
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("has key {}", pin_of(&t2))), "{err}");
+
     // The URL and the token are all a node needs; it remembers the key.
     let a = lab.node("a", Some(&t1), &[])?;
     let b = lab.node("b", Some(&t2), &[])?;
