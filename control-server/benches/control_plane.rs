@@ -603,7 +603,7 @@ async fn run(bin: &Path, n: usize, changes: usize, limit: Duration) -> Result<Ru
             CreateTokenRequest {
                 group: group.clone(),
                 ttl_seconds: 3600,
-                max_uses: 0,
+                reusable: true,
                 ..Default::default()
             },
             &admin_credential,
@@ -611,6 +611,9 @@ async fn run(bin: &Path, n: usize, changes: usize, limit: Duration) -> Result<Ru
         .await?
         .into_inner()
         .token
+        // Join carries the secret; the fingerprint after it is the client's.
+        .parse::<peermesh_proto::token::JoinToken>()?
+        .secret
         .into();
     let keys: Vec<Keypair> = (0..n).map(|_| Keypair::generate_ed25519()).collect();
     let (rss_idle, _) = server_memory(server.pid())?;
