@@ -52,6 +52,25 @@ impl Bins {
                 .parent()
                 .expect("workspace");
             let mut cmd = Command::new(cargo);
+            // Cargo describes the test's package in CARGO_PKG_* and
+            // CARGO_MANIFEST_* (and a few more); ring's build script watches
+            // some of them, so passing them on would rebuild ring and all
+            // above it here, and again in the next `cargo test`.
+            for (name, _) in std::env::vars_os() {
+                let n = name.to_string_lossy();
+                if n.starts_with("CARGO_PKG_")
+                    || n.starts_with("CARGO_MANIFEST_")
+                    || matches!(
+                        n.as_ref(),
+                        "CARGO_CRATE_NAME"
+                            | "CARGO_BIN_NAME"
+                            | "CARGO_PRIMARY_PACKAGE"
+                            | "CARGO_TARGET_TMPDIR"
+                    )
+                {
+                    cmd.env_remove(&name);
+                }
+            }
             cmd.current_dir(workspace).args([
                 "build",
                 "--quiet",
