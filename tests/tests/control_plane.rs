@@ -259,6 +259,27 @@ fn a_node_joins_over_tls_and_refuses_a_server_with_another_key() -> Result<()> {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("has key {}", pin_of(&t2))), "{err}");
 
+    // A relay pins the key its token names as well: with another key in
+    // it, it refuses the server and exits saying why.
+    let relay_token = with_wrong_pin(&lab.server.relay_token()?);
+    let mut cmd = std::process::Command::new(&Bins::get().meshnode);
+    cmd.args([
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        &url,
+        "--token",
+    ])
+    .arg(&relay_token)
+    .arg("--state")
+    .arg(lab.dir.path().join("relay-wrong"));
+    let relay = lab.spawn("relay-wrong", cmd)?;
+    wait_for(SLOW, "the relay to refuse the server", || {
+        let out = relay.output();
+        (out.contains("meshnode: ") && out.contains("is not the pinned key")).then_some(())
+    })?;
+
     // The URL and the token are all a node needs; it remembers the key.
     let a = lab.node("a", Some(&t1), &[])?;
     let b = lab.node("b", Some(&t2), &[])?;
