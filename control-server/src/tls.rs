@@ -785,6 +785,84 @@ async fn accept(
 mod tests {
     use super::*;
 
+    /// A certificate and its key (PEM files, as --tls-cert/--tls-key) in
+    /// `dir`, named `name`.
+    fn ca_files(dir: &Path, name: &str) -> (PathBuf, PathBuf, KeyPin) {
+        let (cert, key) = self_signed().unwrap();
+        let pin = KeyPin::of_spki(&rcgen::KeyPair::from_pem(&key).unwrap().public_key_der());
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        (c, k, pin)
+    }
+
+    #[tokio::test]
+    async fn a_self_made_key_stays_and_a_rotation_is_signed_by_the_old_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let keys = KeyStore::open(dir.path(), CertSource::SelfSigned, store.clone(), "srv")
+            .await
+            .unwrap();
+        let first = keys.pin();
+        assert_eq!(pin_of_data_dir(dir.path()).unwrap(), first);
+        drop(keys);
+        let keys = KeyStore::open(dir.path(), CertSource::SelfSigned, store.clone(), "srv")
+            .await
+            .unwrap();
+        assert_eq!(keys.pin(), first, "the key survives a restart");
+
+        let (old, new) = keys.rotate().await.unwrap();
+        assert_eq!(old, first);
+        assert_ne!(new, first);
+        assert_eq!(pin_of_data_dir(dir.path()).unwrap(), new);
+        let identity = keys.identity();
+        assert_eq!(KeyPin::of_spki(&identity.key), new);
+        let [r] = identity.rotations.as_slice() else {
+            panic!("one rotation: {identity:?}");
+        };
+        ptls::check_rotation("srv", r).expect("signed by the old key");
+        assert!(ptls::check_rotation("another server", r).is_err());
+        // A node that pinned the first key follows to the new one.
+        let trust = ptls::ServerTrust::new(Some(first));
+        trust.accept("srv", Some(&identity)).unwrap();
+        assert_eq!(trust.pin(), Some(new));
+    }
+
+    #[tokio::test]
+    async fn a_certificate_from_files_is_served_and_a_renewal_with_a_new_key_is_rotated_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let (cert, key, pin) = ca_files(dir.path(), "ca1");
+        let source = CertSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        let keys = KeyStore::open(dir.path(), source.clone(), store.clone(), "srv")
+            .await
+            .unwrap();
+        assert_eq!(keys.pin(), pin, "tokens pin the CA certificate's key");
+        assert!(keys.identity().rotations.is_empty());
+        drop(keys);
+
+        // The ACME client renewed the certificate with a new key.
+        let (cert2, key2, pin2) = ca_files(dir.path(), "ca2");
+        std::fs::rename(cert2, &cert).unwrap();
+        std::fs::rename(key2, &key).unwrap();
+        let keys = KeyStore::open(dir.path(), source, store, "srv")
+            .await
+            .unwrap();
+        assert_eq!(keys.pin(), pin2);
+        let identity = keys.identity();
+        let trust = ptls::ServerTrust::new(Some(pin));
+        trust
+            .accept("srv", Some(&identity))
+            .expect("the old pin follows");
+        assert_eq!(trust.pin(), Some(pin2));
+    }
+
     #[test]
     fn plaintext_only_from_loopback_unless_insecure() {
         let only_loopback = PlaintextPolicy { anywhere: false };
