@@ -240,7 +240,7 @@ async fn a_group_holds_at_most_its_cap_of_nodes() {
     assert_status(
         node.join(join_request(&Keypair::generate_ed25519(), &token, "d"))
             .await,
-        Code::ResourceExhausted,
+        Code::FailedPrecondition,
         "group \"lab\" holds 3 nodes, the limit of this server",
     );
     // A member joining again is no new node.

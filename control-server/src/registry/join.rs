@@ -80,7 +80,9 @@ impl Registry {
             if existing.is_none() {
                 let in_group = self.names().get(&token.group).map_or(0, |n| n.len());
                 if in_group >= self.max_nodes_per_group as usize {
-                    return Err(ControlError::ResourceExhausted(format!(
+                    // Not RESOURCE_EXHAUSTED: clients retry that (rate
+                    // limits pass); a full group waits for an administrator.
+                    return Err(ControlError::FailedPrecondition(format!(
                         "group {:?} holds {in_group} nodes, the limit of this server \
                          (control-server serve --max-group-nodes); remove nodes first",
                         token.group

@@ -759,7 +759,8 @@ fn session_end(s: tonic::Status) -> Result<SessionEnd> {
 }
 
 /// Retries `op` while the server is unreachable (it may be starting or
-/// restarting); any answer from it is returned.
+/// restarting) or over a rate limit (a whole site starting at once); any
+/// other answer from it is returned.
 pub(super) async fn retry_unavailable<T, F, Fut>(mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -769,6 +770,11 @@ where
     loop {
         match op().await {
             Ok(v) => return Ok(v),
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                let d = backoff.step();
+                tracing::warn!(error = %s.message(), retry_in_ms = d.as_millis() as u64, "control server busy");
+                tokio::time::sleep(d).await;
+            }
             Err(s)
                 if matches!(
                     s.code(),
@@ -809,5 +815,38 @@ mod tests {
         assert!(b.step() < Backoff::MAX + Duration::from_millis(Backoff::JITTER_MS));
         b.reset();
         assert!(b.step() < Backoff::FIRST + Duration::from_millis(Backoff::JITTER_MS));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limits_and_outages_are_waited_out_refusals_are_not() {
+        let calls = std::cell::Cell::new(0);
+        let r = retry_unavailable(|| {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            async move {
+                match n {
+                    1 => Err(tonic::Status::resource_exhausted(
+                        "Join is limited to 10/s per client address",
+                    )),
+                    2 => Err(tonic::Status::unavailable("connection refused")),
+                    _ => Ok(n),
+                }
+            }
+        })
+        .await;
+        assert_eq!(r.unwrap(), 3);
+
+        calls.set(0);
+        let r: Result<()> = retry_unavailable(|| {
+            calls.set(calls.get() + 1);
+            async {
+                Err(tonic::Status::failed_precondition(
+                    "group \"g\" holds 3 nodes",
+                ))
+            }
+        })
+        .await;
+        assert!(r.unwrap_err().to_string().contains("holds 3 nodes"));
+        assert_eq!(calls.get(), 1, "a refusal is not retried");
     }
 }
