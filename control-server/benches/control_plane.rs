@@ -40,6 +40,7 @@ use peermesh_proto::api::{
     WatchNetworkMapRequest,
 };
 use peermesh_proto::signing;
+use prost::Message;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -287,6 +288,8 @@ impl ServerProcess {
         let mut child = Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(&data)
+            // Thousands of simulated nodes from one address, in one group.
+            .args(["--no-rate-limits", "--max-group-nodes", "1000000"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log)?)
@@ -473,13 +476,19 @@ async fn watch(
     let permit = gate.acquire_owned().await;
     let opened = async {
         let mut stream = client
-            .watch_network_map(authed(WatchNetworkMapRequest {}, &credential)?)
+            .watch_network_map(authed(
+                WatchNetworkMapRequest {
+                    nonce: vec![0x5a; 32],
+                },
+                &credential,
+            )?)
             .await?
             .into_inner();
         let first = stream
             .message()
             .await?
             .context("the stream ended before the first map")?;
+        let first = NetworkMapUpdate::decode(first.update.as_ref())?;
         let Some(Kind::Full(map)) = &first.kind else {
             bail!("the first update is not a full map: {:?}", first.kind);
         };
@@ -512,7 +521,16 @@ async fn watch(
     };
     loop {
         let update: NetworkMapUpdate = match stream.message().await {
-            Ok(Some(u)) => u,
+            Ok(Some(u)) => match NetworkMapUpdate::decode(u.update.as_ref()) {
+                Ok(u) => u,
+                Err(e) => {
+                    let _ = events.send(Event::Failed {
+                        watcher,
+                        error: format!("undecodable update: {e}"),
+                    });
+                    return;
+                }
+            },
             Ok(None) => {
                 let _ = events.send(Event::Failed {
                     watcher,
@@ -585,7 +603,7 @@ async fn run(bin: &Path, n: usize, changes: usize, limit: Duration) -> Result<Ru
             CreateTokenRequest {
                 group: group.clone(),
                 ttl_seconds: 3600,
-                max_uses: 0,
+                reusable: true,
                 ..Default::default()
             },
             &admin_credential,
@@ -593,6 +611,9 @@ async fn run(bin: &Path, n: usize, changes: usize, limit: Duration) -> Result<Ru
         .await?
         .into_inner()
         .token
+        // Join carries the secret; the fingerprint after it is the client's.
+        .parse::<peermesh_proto::token::JoinToken>()?
+        .secret
         .into();
     let keys: Vec<Keypair> = (0..n).map(|_| Keypair::generate_ed25519()).collect();
     let (rss_idle, _) = server_memory(server.pid())?;

@@ -20,6 +20,9 @@ pub enum ControlError {
     Unavailable(String),
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// A rate limit or a cap: the message names the limit.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("storage: {0}")]
     Storage(#[from] sled::Error),
     #[error("stored record is corrupt: {0}")]
@@ -49,6 +52,7 @@ impl From<ControlError> for Status {
             ControlError::FailedPrecondition(_) => Code::FailedPrecondition,
             ControlError::Unavailable(_) => Code::Unavailable,
             ControlError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            ControlError::ResourceExhausted(_) => Code::ResourceExhausted,
             ControlError::Storage(_) | ControlError::Corrupt(_) => {
                 tracing::error!(error = %err, "internal error");
                 Code::Internal

@@ -37,9 +37,10 @@
 //! Broadcast sends never block, so publishing under these locks is safe.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use peermesh_proto::api::{self, NetworkMap, NetworkMapUpdate, Peer, Relay};
+use peermesh_proto::api::{self, NetworkMap, NetworkMapUpdate, Peer, Relay, SignedMapUpdate};
+use rand::RngCore;
 use tokio::sync::broadcast;
 
 use crate::error::{ControlError, Result};
@@ -61,22 +62,29 @@ impl RemovalReason {
     }
 }
 
+/// A change's update as signed once for every watcher of the group (the
+/// first watcher to send it signs it).
+pub type SignedOnce = Arc<OnceLock<SignedMapUpdate>>;
+
 /// One change of a group's map, at the version it created.
 #[derive(Clone, Debug)]
 pub enum GroupEvent {
     Upsert {
         version: u64,
         peer: Arc<Peer>,
+        signed: SignedOnce,
     },
     Removed {
         version: u64,
         node_id: Arc<str>,
         reason: RemovalReason,
+        signed: SignedOnce,
     },
     /// The list of online relays was replaced.
     Relays {
         version: u64,
         relays: Arc<Vec<Relay>>,
+        signed: SignedOnce,
     },
 }
 
@@ -89,9 +97,18 @@ impl GroupEvent {
         }
     }
 
+    /// The signed form of this change, shared by every watcher.
+    pub fn signed(&self) -> &SignedOnce {
+        match self {
+            Self::Upsert { signed, .. }
+            | Self::Removed { signed, .. }
+            | Self::Relays { signed, .. } => signed,
+        }
+    }
+
     pub fn to_update(&self) -> NetworkMapUpdate {
         let (version, kind) = match self {
-            Self::Upsert { version, peer } => (
+            Self::Upsert { version, peer, .. } => (
                 *version,
                 api::network_map_update::Kind::PeerUpsert((**peer).clone()),
             ),
@@ -101,7 +118,9 @@ impl GroupEvent {
                 *version,
                 api::network_map_update::Kind::PeerRemoved(node_id.to_string()),
             ),
-            Self::Relays { version, relays } => (
+            Self::Relays {
+                version, relays, ..
+            } => (
                 *version,
                 api::network_map_update::Kind::Relays(api::RelayList {
                     relays: (**relays).clone(),
@@ -176,8 +195,11 @@ impl Hub {
             )));
         }
         persist()?;
+        let mut epoch = [0u8; EPOCH_BYTES];
+        rand::thread_rng().fill_bytes(&mut epoch);
         let group = Arc::new(GroupHub {
             name: name.into(),
+            epoch,
             state: Mutex::new(GroupState {
                 version: 0,
                 members: BTreeMap::new(),
@@ -271,9 +293,15 @@ struct GroupState {
     relays: Arc<Vec<Relay>>,
 }
 
+/// Bytes of a group's feed epoch: random, so that two runs of the server
+/// never share one (a node takes deltas only of its full map's epoch).
+pub const EPOCH_BYTES: usize = 16;
+
 /// One group's fan-out.
 pub struct GroupHub {
     name: Arc<str>,
+    /// This run of the group's change feed; deltas are signed over it.
+    epoch: [u8; EPOCH_BYTES],
     state: Mutex<GroupState>,
     tx: broadcast::Sender<GroupEvent>,
     /// The hub's channel of membership changes (all groups).
@@ -281,6 +309,14 @@ pub struct GroupHub {
 }
 
 impl GroupHub {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn epoch(&self) -> &[u8] {
+        &self.epoch
+    }
+
     /// Locks the group: every read and change of it goes through the guard,
     /// and a publisher keeps it across the sled writes of its change.
     pub fn lock(&self) -> LockedGroup<'_> {
@@ -365,6 +401,8 @@ impl LockedGroup<'_> {
                     .collect(),
                 stun: None,
                 relays: self.st.relays.to_vec(),
+                epoch: self.hub.epoch.to_vec(),
+                server_identity: None,
             })),
         })
     }
@@ -435,6 +473,7 @@ impl LockedGroup<'_> {
                 GroupEvent::Upsert {
                     version,
                     peer: Arc::new(peer),
+                    signed: SignedOnce::default(),
                 }
             }
             Change::Remove(node_id, reason) => {
@@ -446,11 +485,16 @@ impl LockedGroup<'_> {
                     version,
                     node_id,
                     reason,
+                    signed: SignedOnce::default(),
                 }
             }
             Change::Relays(relays) => {
                 st.relays = relays.clone();
-                GroupEvent::Relays { version, relays }
+                GroupEvent::Relays {
+                    version,
+                    relays,
+                    signed: SignedOnce::default(),
+                }
             }
         };
         // No receivers is fine: nobody is watching.

@@ -24,12 +24,16 @@
 //! - [`stun`]: STUN answers for NAT behaviour discovery (seed 003).
 //! - [`api`]: **the control API**, the gRPC services (node, relay, admin)
 //!   and the one stream pump they share.
+//! - [`tls`]: the server key (TLS certificate, map signatures, rotation)
+//!   and the listener (TLS, plaintext only from loopback, timeouts).
+//! - [`ratelimit`]: per-source rate limits.
 //! - [`server`]: wiring: data directory, admin credential, listener.
 
 pub mod api;
 pub mod error;
 pub mod hub;
 pub mod limits;
+pub mod ratelimit;
 pub mod registry;
 pub mod relays;
 pub mod rendezvous;
@@ -38,6 +42,7 @@ pub mod server;
 pub mod sessions;
 pub mod store;
 pub mod stun;
+pub mod tls;
 pub mod tokens;
 pub mod validate;
 

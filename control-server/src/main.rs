@@ -6,12 +6,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use peermesh_control_server::server::{self, Server};
+use peermesh_control_server::limits::{Limits, RateLimits};
+use peermesh_control_server::server::{self, Options, Server};
+use peermesh_control_server::tls::CertSource;
 use peermesh_proto::api::{
     admin_client::AdminClient, CreateGroupRequest, CreateTokenRequest, LinkTableRequest,
     ListGroupsRequest, ListNodesRequest, ListRelaysRequest, ListTokensRequest, NodeState, PathKind,
-    RemoveNodeRequest, RevokeTokenRequest,
+    RemoveNodeRequest, RevokeTokenRequest, RotateServerKeyRequest,
 };
+use peermesh_proto::client::Security;
+use peermesh_proto::tls::{KeyPin, ServerTrust};
 use serde_json::json;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -45,12 +49,42 @@ enum Command {
         /// The alternate address:port (another address and another port).
         #[arg(long, requires = "stun")]
         stun_alt: Option<SocketAddr>,
+        /// A CA's certificate chain (PEM), e.g. from an ACME client, instead
+        /// of the self-signed one made in DATA/tls. Its key becomes the
+        /// server key that tokens pin; a renewal with a new key is followed
+        /// by `admin rotate-key` (or the next start).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Take plaintext (http://) from any address, not only loopback:
+        /// tokens, credentials and maps then cross the network unencrypted
+        /// (maps stay signed). Only on a network you trust.
+        #[arg(long)]
+        insecure: bool,
+        /// Most nodes one group may hold.
+        #[arg(long, default_value_t = peermesh_control_server::limits::DEFAULT_MAX_NODES_PER_GROUP)]
+        max_group_nodes: u32,
+        /// No per-source rate limits (for benchmarks and tests that drive
+        /// thousands of simulated nodes from one address).
+        #[arg(long)]
+        no_rate_limits: bool,
     },
     /// Administer a running server.
     Admin {
-        /// The server's URL.
+        /// The server's URL (https:// needs the server key's fingerprint:
+        /// read from --data, or given with --server-key).
         #[arg(long, default_value = "http://127.0.0.1:7443")]
         server: String,
+        /// The server key's fingerprint (64 hex digits), for https:// without
+        /// access to the server's data directory.
+        #[arg(long)]
+        server_key: Option<KeyPin>,
+        /// Plaintext to a server that is not on loopback (it must run with
+        /// --insecure).
+        #[arg(long)]
+        insecure: bool,
         /// The server's data directory, to read admin.token from.
         #[arg(long, default_value = "./control-data", conflicts_with = "admin_token")]
         data: PathBuf,
@@ -82,10 +116,18 @@ enum AdminAction {
         /// Lifetime, e.g. 30m, 12h, 7d (default 24h).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
-        /// How many nodes (or relays) may use it (default: unlimited until expiry).
-        #[arg(long, default_value_t = 0)]
+        /// How many nodes (or relays) may use it (default: one).
+        #[arg(long, default_value_t = 0, conflicts_with = "reusable")]
         uses: u32,
+        /// Any number of uses until it expires (within the server's cap of
+        /// nodes per group).
+        #[arg(long)]
+        reusable: bool,
     },
+    /// Replace the server key: a new self-signed key, or the key of the
+    /// renewed --tls-cert/--tls-key files. The old key signs the new one,
+    /// so nodes follow by themselves; new tokens carry the new fingerprint.
+    RotateKey,
     /// List join tokens (ids only; the secrets are shown once, at creation).
     Tokens {
         #[arg(long, default_value = "")]
@@ -148,12 +190,35 @@ async fn main() -> Result<()> {
             data,
             stun,
             stun_alt,
+            tls_cert,
+            tls_key,
+            insecure,
+            max_group_nodes,
+            no_rate_limits,
         } => {
             init_tracing();
-            serve(listen, &data, stun.zip(stun_alt)).await
+            let options = Options {
+                limits: Limits {
+                    max_nodes_per_group: max_group_nodes,
+                    rates: if no_rate_limits {
+                        RateLimits::none()
+                    } else {
+                        RateLimits::default()
+                    },
+                    ..Limits::default()
+                },
+                cert: match tls_cert.zip(tls_key) {
+                    Some((cert, key)) => CertSource::Files { cert, key },
+                    None => CertSource::SelfSigned,
+                },
+                insecure,
+            };
+            serve(listen, &data, stun.zip(stun_alt), options).await
         }
         Command::Admin {
             server,
+            server_key,
+            insecure,
             data,
             admin_token,
             action,
@@ -173,7 +238,32 @@ async fn main() -> Result<()> {
                         .to_string()
                 }
             };
-            admin(&server, &credential, action).await
+            // The pin: given, or the key in the server's data directory.
+            let pin =
+                server_key.or_else(|| peermesh_control_server::tls::pin_of_data_dir(&data).ok());
+            let security = Security {
+                trust: ServerTrust::new(pin),
+                insecure,
+            };
+            let result = tokio::time::timeout(
+                ADMIN_TIMEOUT,
+                admin(&server, &security, &credential, action),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "no answer from {server} in {ADMIN_TIMEOUT:?}"
+                ))
+            });
+            match security.trust.take_mismatch() {
+                Some(presented) => result.with_context(|| {
+                    format!(
+                        "the server at {server} has key {presented}, not the expected {}",
+                        pin.map(|p| p.to_string()).unwrap_or_default()
+                    )
+                }),
+                None => result,
+            }
         }
     }
 }
@@ -182,8 +272,9 @@ async fn serve(
     listen: SocketAddr,
     data: &Path,
     stun: Option<(SocketAddr, SocketAddr)>,
+    options: Options,
 ) -> Result<()> {
-    let mut server = Server::bind(listen, data)
+    let mut server = Server::bind_with(listen, data, options)
         .await
         .context("starting the control server")?;
     if let Some((primary, alternate)) = stun {
@@ -193,7 +284,7 @@ async fn serve(
             .context("starting STUN")?;
     }
     let addr = server.local_addr()?;
-    tracing::info!(%addr, data = %data.display(), server_id = server.registry.server_id(), "control server listening");
+    tracing::info!(%addr, data = %data.display(), server_id = server.registry.server_id(), server_key = %server.keys.pin(), "control server listening");
     // A line that scripts and tests can wait for.
     println!("control-server listening on {addr}");
     let shutdown = async {
@@ -209,22 +300,17 @@ async fn serve(
     Ok(())
 }
 
-/// How long an admin command waits to connect to the server: the server is
-/// expected to be up and near, so five seconds covers a slow path, and an
+/// How long an admin command waits for the server: it is expected to be up
+/// and near, so half a minute covers a slow path and a busy server, and an
 /// operator with a wrong address or a stopped server hears so soon.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Interceptor =
     Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
 type Admin = AdminClient<InterceptedService<Channel, Interceptor>>;
 
-async fn connect(url: &str, credential: &str) -> Result<Admin> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("invalid server URL {url:?}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the control server at {url}"))?;
+async fn connect(url: &str, security: &Security, credential: &str) -> Result<Admin> {
+    let channel = peermesh_proto::client::channel(url, security)?;
     let header: MetadataValue<_> = format!("Bearer {credential}")
         .parse()
         .context("the admin credential is not valid header text")?;
@@ -291,8 +377,13 @@ fn state_name(s: i32) -> &'static str {
     }
 }
 
-async fn admin(url: &str, credential: &str, action: AdminAction) -> Result<()> {
-    let mut c = connect(url, credential).await?;
+async fn admin(
+    url: &str,
+    security: &Security,
+    credential: &str,
+    action: AdminAction,
+) -> Result<()> {
+    let mut c = connect(url, security, credential).await?;
     match action {
         AdminAction::CreateGroup { name } => {
             let g = c
@@ -332,6 +423,7 @@ async fn admin(url: &str, credential: &str, action: AdminAction) -> Result<()> {
             relay,
             ttl,
             uses,
+            reusable,
         } => {
             let r = c
                 .create_token(CreateTokenRequest {
@@ -339,6 +431,7 @@ async fn admin(url: &str, credential: &str, action: AdminAction) -> Result<()> {
                     ttl_seconds: ttl.map_or(0, |d| d.as_secs().max(1)),
                     max_uses: uses,
                     relay,
+                    reusable,
                 })
                 .await
                 .map_err(status_err("create-token"))?
@@ -476,6 +569,15 @@ async fn admin(url: &str, credential: &str, action: AdminAction) -> Result<()> {
                     );
                 }
             }
+        }
+        AdminAction::RotateKey => {
+            let r = c
+                .rotate_server_key(RotateServerKeyRequest {})
+                .await
+                .map_err(status_err("rotate-key"))?
+                .into_inner();
+            println!("server key rotated: {} -> {}", r.old_pin, r.new_pin);
+            println!("nodes follow the signed rotation; new tokens carry the new fingerprint");
         }
         AdminAction::RemoveNode { node, group } => {
             let r = c

@@ -307,6 +307,8 @@ impl RelayDirectory {
             relay_id,
             session: Some(session),
             server_id: self.sessions.server_id().to_string(),
+            // The API adds the server key.
+            server_identity: None,
         })
     }
 

@@ -1,4 +1,5 @@
-//! Starting a control server: data directory, admin credential, listener.
+//! Starting a control server: data directory, admin credential, server
+//! key, listener (TLS, and plaintext from loopback), limits.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,14 +11,16 @@ use peermesh_proto::api::{
     relay_control_server::RelayControlServer,
 };
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::api::{admin::AdminApi, node::NodeApi, relay::RelayApi};
 use crate::hub::Hub;
 use crate::limits::Limits;
+use crate::ratelimit::RateLimiters;
 use crate::registry::Registry;
 use crate::relays::RelayDirectory;
 use crate::sessions::{system_clock, Sessions};
+use crate::tls::{CertSource, ConnInfo, KeyStore, PlaintextPolicy, TlsError};
 use crate::{secrets, validate};
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -61,7 +64,45 @@ pub enum ServeError {
     },
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("server key: {0}")]
+    Tls(#[from] TlsError),
 }
+
+/// How a server is started besides its address and data directory.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub limits: Limits,
+    /// The TLS certificate: self-made (default) or a CA's.
+    pub cert: CertSource,
+    /// Plaintext from any address, not only loopback.
+    pub insecure: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            cert: CertSource::SelfSigned,
+            insecure: false,
+        }
+    }
+}
+
+/// Every call first: refuses plaintext from where the server takes none,
+/// and notes the connection's activity (for the idle timeout).
+fn transport_check(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let info = req
+        .extensions()
+        .get::<ConnInfo>()
+        .ok_or_else(|| tonic::Status::internal("request without connection information"))?;
+    if let Some(refusal) = info.refusal() {
+        return Err(refusal);
+    }
+    info.activity.request();
+    Ok(req)
+}
+
+type Check = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
 
 /// Reads the admin credential from `data`, creating it (mode 0600) on the
 /// first start.
@@ -104,24 +145,34 @@ pub fn admin_credential(data: &Path) -> Result<String, ServeError> {
 pub struct Server {
     pub registry: Arc<Registry>,
     pub relays: Arc<RelayDirectory>,
+    pub keys: Arc<KeyStore>,
     listener: TcpListener,
     admin_credential: String,
     stun: Option<crate::stun::StunServer>,
+    limits: Limits,
+    rates: Arc<RateLimiters>,
+    insecure: bool,
 }
 
 impl Server {
     pub async fn bind(listen: SocketAddr, data: &Path) -> Result<Self, ServeError> {
-        Self::bind_with(listen, data, Limits::default()).await
+        Self::bind_with(listen, data, Options::default()).await
     }
 
     pub async fn bind_with(
         listen: SocketAddr,
         data: &Path,
-        limits: Limits,
+        options: Options,
     ) -> Result<Self, ServeError> {
+        let Options {
+            limits,
+            cert,
+            insecure,
+        } = options;
         let admin_credential = admin_credential(data)?;
         let store = crate::store::Store::open(&data.join("db"))?;
-        let sessions = Sessions::open(store, system_clock(), &limits)?;
+        let sessions = Sessions::open(store.clone(), system_clock(), &limits)?;
+        let keys = KeyStore::open(data, cert, store, sessions.server_id()).await?;
         let hub = Hub::new(limits.watch_backlog);
         let registry = Registry::open(sessions.clone(), hub.clone(), &limits)?;
         let relays = RelayDirectory::new(sessions, hub);
@@ -134,9 +185,13 @@ impl Server {
         Ok(Self {
             registry,
             relays,
+            keys,
             listener,
             admin_credential,
             stun: None,
+            rates: RateLimiters::new(&limits.rates),
+            limits,
+            insecure,
         })
     }
 
@@ -148,7 +203,11 @@ impl Server {
         primary: SocketAddr,
         alternate: SocketAddr,
     ) -> Result<Self, crate::stun::StunServeError> {
-        self.stun = Some(crate::stun::StunServer::bind(primary, alternate).await?);
+        self.stun = Some(
+            crate::stun::StunServer::bind(primary, alternate)
+                .await?
+                .with_rate_limits(self.rates.clone()),
+        );
         Ok(self)
     }
 
@@ -161,7 +220,14 @@ impl Server {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
-        let mut node_api = NodeApi::new(self.registry.clone());
+        self.rates.spawn_janitor();
+        let max_watches = self.limits.max_watches_per_node;
+        let mut node_api = NodeApi::new(
+            self.registry.clone(),
+            self.keys.clone(),
+            self.rates.clone(),
+            max_watches,
+        );
         let _stun_tasks = match self.stun {
             Some(stun) => {
                 let (primary, alternate) = stun.endpoints();
@@ -171,30 +237,47 @@ impl Server {
             }
             None => AbortOnDrop(Vec::new()),
         };
-        let node =
-            NodeControlServer::new(node_api).max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
-        let relay = RelayControlServer::new(RelayApi::new(self.relays.clone()))
-            .max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
-        let admin = AdminServer::new(AdminApi::new(
-            self.registry.clone(),
-            self.relays.clone(),
-            &self.admin_credential,
-        ))
-        .max_decoding_message_size(validate::MAX_MESSAGE_BYTES);
+        let check: Check = transport_check;
+        let node = InterceptedService::new(
+            NodeControlServer::new(node_api).max_decoding_message_size(validate::MAX_MESSAGE_BYTES),
+            check,
+        );
+        let relay = InterceptedService::new(
+            RelayControlServer::new(RelayApi::new(
+                self.relays.clone(),
+                self.keys.clone(),
+                max_watches,
+            ))
+            .max_decoding_message_size(validate::MAX_MESSAGE_BYTES),
+            check,
+        );
+        let admin = InterceptedService::new(
+            AdminServer::new(AdminApi::new(
+                self.registry.clone(),
+                self.relays.clone(),
+                self.keys.clone(),
+                &self.admin_credential,
+            ))
+            .max_decoding_message_size(validate::MAX_MESSAGE_BYTES),
+            check,
+        );
+        let incoming = crate::tls::incoming(
+            self.listener,
+            self.keys.server_config(),
+            PlaintextPolicy {
+                anywhere: self.insecure,
+            },
+        );
         tonic::transport::Server::builder()
             // Dead peers must drop their watch streams (and go offline) soon.
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(Some(self.limits.max_streams_per_connection))
+            .timeout(self.limits.request_timeout)
             .add_service(node)
             .add_service(relay)
             .add_service(admin)
-            // With an own listener the builder's tcp_nodelay is ignored; set it
-            // here, or Nagle holds back small responses and stream updates
-            // until the peer's delayed ACK (~40 ms on Linux).
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(self.listener).with_nodelay(Some(true)),
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         Ok(())
     }

@@ -24,6 +24,12 @@ pub struct Store {
     pub(crate) removed: Tree,
     /// relay id → the relay directory's record.
     pub(crate) relays: Tree,
+    /// token id, NUL, node id → when: every node a token let in, so that a
+    /// removed node cannot come back with the token it used.
+    pub(crate) token_uses: Tree,
+    /// session subject → digest of its one live session (re-authentication
+    /// replaces it).
+    pub(crate) session_of: Tree,
 }
 
 fn get<M: Message + Default>(tree: &Tree, key: impl AsRef<[u8]>) -> Result<Option<M>> {
@@ -68,6 +74,8 @@ impl Store {
             links: db.open_tree("links")?,
             removed: db.open_tree("removed")?,
             relays: db.open_tree("relays")?,
+            token_uses: db.open_tree("token_uses")?,
+            session_of: db.open_tree("session_of")?,
             db,
         })
     }
@@ -94,6 +102,15 @@ impl Store {
 
     pub fn meta_put(&self, key: &str, value: &str) -> Result<()> {
         self.meta.insert(key, value.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn meta_bytes(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.meta.get(key)?.map(|v| v.to_vec()))
+    }
+
+    pub fn meta_put_bytes(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.meta.insert(key, value)?;
         Ok(())
     }
 
@@ -163,8 +180,34 @@ impl Store {
     pub fn session(&self, hash: &[u8]) -> Result<Option<SessionRecord>> {
         get(&self.sessions, hash)
     }
+    /// Stores a session, replacing the subject's previous one: sessions
+    /// rotate, they do not pile up.
     pub fn put_session(&self, hash: &[u8], s: &SessionRecord) -> Result<()> {
+        if let Some(old) = self.session_of.insert(s.node_id.as_bytes(), hash)? {
+            if old.as_ref() != hash {
+                self.sessions.remove(old)?;
+            }
+        }
         put(&self.sessions, hash, s)
+    }
+
+    /// Records that `token_id` let `node_id` in.
+    pub fn put_token_use(&self, token_id: &str, node_id: &str, at_ms: u64) -> Result<()> {
+        self.token_uses
+            .insert(link_key(token_id, node_id), &at_ms.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Whether `token_id` let `node_id` in before.
+    pub fn token_used_by(&self, token_id: &str, node_id: &str) -> Result<bool> {
+        Ok(self.token_uses.contains_key(link_key(token_id, node_id))?)
+    }
+
+    /// How many nodes `token_id` let in.
+    pub fn token_use_count(&self, token_id: &str) -> usize {
+        let mut prefix = token_id.as_bytes().to_vec();
+        prefix.push(0);
+        self.token_uses.scan_prefix(prefix).count()
     }
     /// Drops the sessions of `node_id` (when set) and every expired one.
     pub fn purge_sessions(&self, node_id: Option<&str>, now_ms: u64) -> Result<usize> {
@@ -173,7 +216,11 @@ impl Store {
             let (k, v) = kv?;
             let s = SessionRecord::decode(v.as_ref())?;
             if s.expires_ms <= now_ms || Some(s.node_id.as_str()) == node_id {
-                self.sessions.remove(k)?;
+                self.sessions.remove(&k)?;
+                let current = self.session_of.get(s.node_id.as_bytes())?;
+                if current.is_some_and(|c| c.as_ref() == k.as_ref()) {
+                    self.session_of.remove(s.node_id.as_bytes())?;
+                }
                 removed += 1;
             }
         }

@@ -31,6 +31,8 @@ pub enum StunServeError {
 pub struct StunStats {
     pub answered: AtomicU64,
     pub malformed: AtomicU64,
+    /// Requests over the per-address rate limit, dropped unanswered.
+    pub limited: AtomicU64,
 }
 
 pub struct StunServer {
@@ -39,6 +41,7 @@ pub struct StunServer {
     ips: [IpAddr; 2],
     ports: [u16; 2],
     pub stats: Arc<StunStats>,
+    rates: Option<Arc<crate::ratelimit::RateLimiters>>,
 }
 
 impl StunServer {
@@ -66,7 +69,14 @@ impl StunServer {
             ips,
             ports,
             stats: Arc::default(),
+            rates: None,
         })
+    }
+
+    /// Drops requests over the STUN rate limit of `rates` (per address).
+    pub fn with_rate_limits(mut self, rates: Arc<crate::ratelimit::RateLimiters>) -> Self {
+        self.rates = Some(rates);
+        self
     }
 
     /// Where nodes send their first request, and the other endpoint.
@@ -111,6 +121,14 @@ impl StunServer {
                     continue;
                 }
             };
+            if let Some(rates) = &self.rates {
+                if crate::ratelimit::check(&rates.stun, &from.ip()).is_err() {
+                    // UDP has no error to answer with that a client would
+                    // act on; it retries later like after a loss.
+                    self.stats.limited.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
             let (ri, rj) = (
                 if req.change_ip { 1 - i } else { i },
                 if req.change_port { 1 - j } else { j },

@@ -55,11 +55,12 @@ pub fn load(store: &Store, token_id: &str, kind: &str) -> Result<TokenRecord> {
         .ok_or_else(|| ControlError::unauthenticated(format!("unknown {kind} token")))
 }
 
-/// The record of a token an administrator names by the secret or its id.
+/// The record of a token an administrator names by the secret (with or
+/// without the server key's fingerprint) or its id.
 pub fn find(store: &Store, token_or_id: &str) -> Result<TokenRecord> {
     validate::bytes_limit("token", token_or_id.len(), validate::MAX_TOKEN_LEN)?;
-    let token_id = if secrets::well_formed(token_or_id, secrets::JOIN_TOKEN_PREFIX) {
-        secrets::token_id(token_or_id)
+    let token_id = if let Ok(t) = token_or_id.parse::<peermesh_proto::token::JoinToken>() {
+        secrets::token_id(&t.secret)
     } else if token_or_id.len() == 16 && token_or_id.bytes().all(|b| b.is_ascii_hexdigit()) {
         token_or_id.to_ascii_lowercase()
     } else {
@@ -91,12 +92,18 @@ pub fn check_live(token: &TokenRecord, kind: &str, now: u64) -> Result<()> {
 /// Takes one use of `token` and stores it, or refuses a used-up token. The
 /// caller holds the lock under which its kind of token is counted.
 pub fn take_use(store: &Store, token: &mut TokenRecord, kind: &str) -> Result<()> {
+    check_uses(token, kind)?;
+    token.uses += 1;
+    store.put_token(token)
+}
+
+/// Refuses a used-up token.
+pub fn check_uses(token: &TokenRecord, kind: &str) -> Result<()> {
     if token.max_uses != 0 && token.uses >= token.max_uses {
         return Err(ControlError::unauthenticated(format!(
             "{kind} token used up ({} of {} uses)",
             token.uses, token.max_uses
         )));
     }
-    token.uses += 1;
-    store.put_token(token)
+    Ok(())
 }

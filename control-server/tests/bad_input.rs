@@ -11,7 +11,7 @@ use libp2p_identity::Keypair;
 use peermesh_proto::api::{
     network_map_update::Kind, CreateGroupRequest, CreateTokenRequest, LeaveRequest, LinkReport,
     ListGroupsRequest, PathKind, RemoveNodeRequest, ReportLinksRequest, RevokeTokenRequest,
-    UpdateEndpointsRequest, WatchNetworkMapRequest,
+    UpdateEndpointsRequest,
 };
 use tonic::{Code, Request};
 
@@ -110,11 +110,11 @@ async fn the_world_works() {
 
     let mut stream = w
         .node
-        .watch_network_map(bearer(WatchNetworkMapRequest {}, &session))
+        .watch_network_map(bearer(watch_request(), &session))
         .await
         .expect("watch")
         .into_inner();
-    let first = stream.message().await.expect("first").expect("a message");
+    let first = unsigned(&stream.message().await.expect("first").expect("a message"));
     let Some(Kind::Full(map)) = first.kind else {
         panic!("first message is not a full map: {first:?}");
     };
@@ -136,6 +136,7 @@ async fn the_world_works() {
         .expect("an update in time")
         .expect("no error")
         .expect("a message");
+    let update = unsigned(&update);
     assert!(update.version > first.version);
     match update.kind {
         Some(Kind::PeerUpsert(p)) => {
@@ -484,7 +485,7 @@ async fn node_calls_need_a_session() {
         };
         assert_status(
             w.node
-                .watch_network_map(req(WatchNetworkMapRequest {}))
+                .watch_network_map(req(watch_request()))
                 .await
                 .map(|_| "a stream"),
             Code::Unauthenticated,
@@ -796,11 +797,11 @@ async fn watch_then(w: &mut World, member_index: usize, act: Action, needle: &st
     let node_id = member.node_id().to_string();
     let mut stream = w
         .node
-        .watch_network_map(bearer(WatchNetworkMapRequest {}, &cred))
+        .watch_network_map(bearer(watch_request(), &cred))
         .await
         .expect("watch")
         .into_inner();
-    let first = stream.message().await.expect("first").expect("a message");
+    let first = unsigned(&stream.message().await.expect("first").expect("a message"));
     assert!(matches!(first.kind, Some(Kind::Full(_))), "{first:?}");
 
     match act {
@@ -840,7 +841,7 @@ async fn watch_then(w: &mut World, member_index: usize, act: Action, needle: &st
         loop {
             match stream.message().await {
                 // Other members' changes may come first.
-                Ok(Some(update)) => match update.kind {
+                Ok(Some(update)) => match unsigned(&update).kind {
                     Some(Kind::PeerRemoved(id)) if id == node_id => {
                         panic!("own removal sent as a delta")
                     }

@@ -7,6 +7,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+mod common;
+
+use common::{watch_request, MapWatch, Messages};
 use libp2p_identity::Keypair;
 use peermesh_control_server::Server;
 use peermesh_proto::api::{
@@ -15,9 +18,10 @@ use peermesh_proto::api::{
     CreateGroupRequest, CreateTokenRequest, JoinRequest, JoinResponse, ListNodesRequest,
     ListRelaysRequest, ListTokensRequest, MemberUpdate, NetworkMapUpdate, RegisterRelayRequest,
     RegisterRelayResponse, Relay, RelayInfo, RelayLoad, RemoveNodeRequest, RevokeTokenRequest,
-    UpdateEndpointsRequest, WatchMembersRequest, WatchNetworkMapRequest,
+    UpdateEndpointsRequest, WatchMembersRequest,
 };
 use peermesh_proto::signing;
+use peermesh_proto::token::JoinToken;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::metadata::MetadataValue;
@@ -119,11 +123,15 @@ impl Srv {
             .await?
             .create_token(self.as_admin(CreateTokenRequest {
                 group: group.into(),
+                reusable: true,
                 ..Default::default()
             }))
             .await?
             .into_inner()
-            .token)
+            .token
+            .parse::<JoinToken>()
+            .expect("a well-formed token")
+            .secret)
     }
 
     async fn relay_token(&self, max_uses: u32) -> Result<String> {
@@ -133,6 +141,9 @@ impl Srv {
             .create_token(self.as_admin(CreateTokenRequest {
                 relay: true,
                 max_uses,
+                // 0 here: any number of uses, as before tokens were
+                // single-use by default.
+                reusable: max_uses == 0,
                 ..Default::default()
             }))
             .await?
@@ -140,7 +151,11 @@ impl Srv {
         let info = r.info.expect("token info");
         assert!(info.relay);
         assert!(info.group.is_empty());
-        Ok(r.token)
+        // The request carries the secret; the pin is the client's.
+        Ok(r.token
+            .parse::<JoinToken>()
+            .expect("a well-formed token")
+            .secret)
     }
 
     async fn join(&self, kp: &Keypair, token: &str, name: &str) -> Result<JoinResponse, Status> {
@@ -161,13 +176,14 @@ impl Srv {
             .map(|r| r.into_inner())
     }
 
-    async fn watch_map(&self, session: &str) -> Result<Streaming<NetworkMapUpdate>> {
-        Ok(self
-            .node()
-            .await?
-            .watch_network_map(bearer(WatchNetworkMapRequest {}, session))
-            .await?
-            .into_inner())
+    async fn watch_map(&self, session: &str) -> Result<MapWatch> {
+        Ok(MapWatch(
+            self.node()
+                .await?
+                .watch_network_map(bearer(watch_request(), session))
+                .await?
+                .into_inner(),
+        ))
     }
 
     async fn watch_members(&self, session: &str) -> Result<Streaming<MemberUpdate>, Status> {
@@ -305,8 +321,8 @@ fn assert_status<T: std::fmt::Debug>(r: Result<T, Status>, code: Code, needle: &
     }
 }
 
-async fn next<T>(stream: &mut Streaming<T>) -> Result<T, Status> {
-    match tokio::time::timeout(STEP, stream.message()).await {
+async fn next<S: Messages>(stream: &mut S) -> Result<S::Item, Status> {
+    match tokio::time::timeout(STEP, stream.next_message()).await {
         Err(_) => panic!("no stream message within {STEP:?}"),
         Ok(Ok(Some(m))) => Ok(m),
         Ok(Ok(None)) => panic!("stream ended"),
@@ -316,7 +332,7 @@ async fn next<T>(stream: &mut Streaming<T>) -> Result<T, Status> {
 
 /// The next map update that replaces the relay list (others are skipped);
 /// checks that versions increase.
-async fn next_relays(stream: &mut Streaming<NetworkMapUpdate>, version: &mut u64) -> Vec<Relay> {
+async fn next_relays(stream: &mut MapWatch, version: &mut u64) -> Vec<Relay> {
     loop {
         let u = next(stream).await.expect("map update");
         assert!(
@@ -518,7 +534,7 @@ async fn relay_and_node_credentials_do_not_cross() -> Result<()> {
     let mut nodes = s.node().await?;
     assert_status(
         nodes
-            .watch_network_map(bearer(WatchNetworkMapRequest {}, &session(&relay)))
+            .watch_network_map(bearer(watch_request(), &session(&relay)))
             .await,
         Code::PermissionDenied,
         "relay's session",

@@ -8,25 +8,27 @@ use std::time::Duration;
 
 use common::*;
 use peermesh_proto::api::{
-    network_map_update::Kind, NetworkMapUpdate, ProbeOffer, PunchInstruction, PunchReadyRequest,
-    RequestPunchRequest, UpdateEndpointsRequest, WatchNetworkMapRequest,
+    network_map_update::Kind, ProbeOffer, PunchInstruction, PunchReadyRequest, RequestPunchRequest,
+    UpdateEndpointsRequest,
 };
-use tonic::{Code, Streaming};
+use tonic::Code;
 
 const A_OBSERVED: &str = "/ip4/198.51.100.1/udp/4000/quic-v1";
 const B_PUBLISHED: &str = "/ip4/203.0.113.7/udp/5000/quic-v1";
 const B_FRESH: &str = "/ip4/203.0.113.7/udp/5001/quic-v1";
 const CIRCUIT: &str = "/ip4/192.0.2.9/udp/4001/quic-v1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit";
 
-async fn watch(node: &mut Node, m: &Member) -> Streaming<NetworkMapUpdate> {
-    node.watch_network_map(bearer(WatchNetworkMapRequest {}, m.credential()))
-        .await
-        .expect("watch")
-        .into_inner()
+async fn watch(node: &mut Node, m: &Member) -> MapWatch {
+    MapWatch(
+        node.watch_network_map(bearer(watch_request(), m.credential()))
+            .await
+            .expect("watch")
+            .into_inner(),
+    )
 }
 
 /// The next punch instruction on a watch stream (map updates are skipped).
-async fn next_punch(stream: &mut Streaming<NetworkMapUpdate>) -> PunchInstruction {
+async fn next_punch(stream: &mut MapWatch) -> PunchInstruction {
     loop {
         let u = tokio::time::timeout(Duration::from_secs(5), stream.message())
             .await

@@ -35,12 +35,19 @@ enum PunchArg {
 enum Command {
     /// Join the mesh and run the node in the foreground.
     Up {
-        /// Control server URL (remembered after the first run).
+        /// Control server URL (remembered after the first run):
+        /// https://HOST:PORT, or http:// to loopback.
         #[arg(long)]
         control: Option<String>,
-        /// Join token; needed only for the first run with this --state.
+        /// Join token (it pins the server's key); needed only for the first
+        /// run with this --state.
         #[arg(long, env = "PEERMESH_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Allow plaintext (http://) to a control server that is not on
+        /// loopback: tokens and credentials cross the network unencrypted
+        /// (maps stay signed). Only on a network you trust.
+        #[arg(long)]
+        insecure: bool,
         /// State directory: identity key, membership, local API socket.
         #[arg(long)]
         state: PathBuf,
@@ -98,6 +105,10 @@ enum Command {
         /// A relay token (`control-server admin create-token --relay`).
         #[arg(long, env = "PEERMESH_RELAY_TOKEN", hide_env_values = true)]
         token: String,
+        /// Allow plaintext (http://) to a control server that is not on
+        /// loopback.
+        #[arg(long)]
+        insecure: bool,
         /// Directory for the relay's identity key.
         #[arg(long, default_value = "./relay-state")]
         state: PathBuf,
@@ -240,6 +251,7 @@ async fn main() -> ExitCode {
         Command::Up {
             control,
             token,
+            insecure,
             state,
             name,
             advertise,
@@ -262,6 +274,7 @@ async fn main() -> ExitCode {
             };
             config.control_url = control;
             config.token = token;
+            config.insecure = insecure;
             config.name = name;
             config.advertise = advertise;
             config.listen = listen;
@@ -276,6 +289,7 @@ async fn main() -> ExitCode {
             external,
             control,
             token,
+            insecure,
             state,
             region,
             max_circuits_per_node,
@@ -293,6 +307,7 @@ async fn main() -> ExitCode {
                 external,
                 control_url: control,
                 token,
+                insecure,
                 region,
                 state_dir: state,
                 max_circuits_per_peer: max_circuits_per_node,

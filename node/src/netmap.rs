@@ -1,5 +1,11 @@
 //! The node's copy of its group's network map, kept in step with the control
 //! server's WatchNetworkMap stream. Sans-IO: updates in, changes out.
+//!
+//! Updates arrive checked against the server key's signature
+//! (`control::MapStream`); on top of that the map itself never lets an
+//! update change this node's own identity, nor bind a peer id to a key
+//! that is not that id's key (node ids are PeerIds: the hash of the key),
+//! so not even the server can have the node take a key for another node.
 
 use std::collections::BTreeMap;
 
@@ -25,10 +31,26 @@ pub enum MapError {
     Empty,
     #[error("delta at version {got} before any full map")]
     NoBase { got: u64 },
+    #[error("the map names {got:?} as this node, which is {own:?}")]
+    NotMe { own: String, got: String },
+    #[error("the map binds peer {node_id:?} to a key that is not its own")]
+    WrongKey { node_id: String },
+}
+
+/// Whether `p`'s id is the PeerId of its key (an empty key: a map of an
+/// older server, nothing to check).
+fn key_matches(p: &Peer) -> bool {
+    if p.public_key.is_empty() {
+        return true;
+    }
+    libp2p::identity::PublicKey::try_decode_protobuf(&p.public_key)
+        .is_ok_and(|k| k.to_peer_id().to_string() == p.node_id)
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct NetworkMap {
+    /// This node's id: no map may name another as "self". Empty: unchecked.
+    pub own_id: String,
     pub version: u64,
     pub group: String,
     pub self_node: Option<Peer>,
@@ -38,6 +60,44 @@ pub struct NetworkMap {
 }
 
 impl NetworkMap {
+    /// An empty map of the node `own_id`: no update may name another node as
+    /// this one.
+    pub fn of_node(own_id: impl Into<String>) -> Self {
+        Self {
+            own_id: own_id.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Refuses an update that would change this node's identity or bind a
+    /// peer id to another key; nothing is applied then.
+    fn check(&self, kind: &Kind) -> Result<(), MapError> {
+        let not_me = |got: &str| {
+            (!self.own_id.is_empty() && got != self.own_id).then(|| MapError::NotMe {
+                own: self.own_id.clone(),
+                got: got.to_string(),
+            })
+        };
+        let peers: Vec<&Peer> = match kind {
+            Kind::Full(full) => {
+                if let Some(me) = &full.self_node {
+                    if let Some(e) = not_me(&me.node_id) {
+                        return Err(e);
+                    }
+                }
+                full.self_node.iter().chain(&full.peers).collect()
+            }
+            Kind::PeerUpsert(p) => vec![p],
+            _ => Vec::new(),
+        };
+        match peers.into_iter().find(|p| !key_matches(p)) {
+            Some(p) => Err(MapError::WrongKey {
+                node_id: p.node_id.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Applies one update. A full map replaces everything; deltas at or below
     /// the current version are stale and ignored.
     pub fn apply(&mut self, update: NetworkMapUpdate) -> Result<Vec<MapChange>, MapError> {
@@ -46,6 +106,7 @@ impl NetworkMap {
         if let Kind::Punch(p) = kind {
             return Ok(vec![MapChange::Punch(p)]);
         }
+        self.check(&kind)?;
         if let Kind::Full(full) = kind {
             let mut changes = Vec::new();
             let mut next: BTreeMap<String, Peer> = BTreeMap::new();
@@ -137,6 +198,7 @@ mod tests {
                 peers: peers.to_vec(),
                 relays: vec![],
                 stun: None,
+                ..Default::default()
             })),
         }
     }
@@ -198,6 +260,38 @@ mod tests {
             vec![MapChange::SelfUpdated(peer("me", "renamed"))]
         );
         assert!(!m.peers.contains_key("me"));
+    }
+
+    #[test]
+    fn no_map_changes_who_this_node_is_or_binds_a_foreign_key() {
+        let mut m = NetworkMap {
+            own_id: "me".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            m.apply(full(1, "mallory", &[])),
+            Err(MapError::NotMe {
+                own: "me".into(),
+                got: "mallory".into()
+            })
+        );
+        m.apply(full(1, "me", &[])).unwrap();
+        let real = libp2p::identity::Keypair::generate_ed25519();
+        let other = libp2p::identity::Keypair::generate_ed25519();
+        let mut p = peer(&real.public().to_peer_id().to_string(), "a");
+        p.public_key = real.public().encode_protobuf();
+        assert!(m.apply(upsert(2, p.clone())).is_ok());
+        // The same id with another key: refused, the map keeps the real one.
+        let mut forged = p.clone();
+        forged.public_key = other.public().encode_protobuf();
+        assert_eq!(
+            m.apply(upsert(3, forged)),
+            Err(MapError::WrongKey {
+                node_id: p.node_id.clone()
+            })
+        );
+        assert_eq!(m.peers[&p.node_id].public_key, p.public_key);
+        assert_eq!(m.version, 2);
     }
 
     #[test]

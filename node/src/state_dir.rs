@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! <state>/identity.key   libp2p protobuf-encoded ed25519 keypair (0600)
-//! <state>/node.json      control URL, server id, node id, name, group
+//! <state>/node.json      control URL, server id and key, node id, name, group
 //! <state>/lock           held (flock) by the endpoint that uses the directory
 //! <state>/meshnode.sock  the local API socket of `meshnode up`
 //! ```
@@ -23,6 +23,11 @@ use crate::error::{NodeError, Result};
 pub struct Membership {
     pub control_url: String,
     pub server_id: String,
+    /// Fingerprint of the control server's key (hex SHA-256 of its
+    /// SubjectPublicKeyInfo), pinned from the join token; empty in files of
+    /// nodes that joined before servers had keys.
+    #[serde(default)]
+    pub server_key: String,
     pub node_id: String,
     pub name: String,
     pub group: String,
@@ -165,6 +170,7 @@ mod tests {
         let m = Membership {
             control_url: "http://127.0.0.1:1".into(),
             server_id: "srv".into(),
+            server_key: "ab".repeat(32),
             node_id: "id".into(),
             name: "n".into(),
             group: "g".into(),

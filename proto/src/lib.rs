@@ -17,5 +17,7 @@ pub mod store {
 pub mod client;
 pub mod convert;
 pub mod signing;
+pub mod tls;
+pub mod token;
 
 pub use control::v1 as api;

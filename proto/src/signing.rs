@@ -1,4 +1,5 @@
-//! Payloads signed with a node's key.
+//! Payloads signed with a node's key, and those the control server signs
+//! with its server key (map updates, key rotations).
 //!
 //! Each payload starts with a distinct domain string so that a signature made
 //! for one purpose can never be presented for another, and every variable
@@ -7,6 +8,49 @@
 const JOIN_DOMAIN: &[u8] = b"peermesh/join/v1";
 const AUTH_DOMAIN: &[u8] = b"peermesh/auth/v1";
 const RELAY_DOMAIN: &[u8] = b"peermesh/relay/v1";
+const MAP_PERSONAL_DOMAIN: &[u8] = b"peermesh/map-personal/v1";
+const MAP_DELTA_DOMAIN: &[u8] = b"peermesh/map-delta/v1";
+const ROTATION_DOMAIN: &[u8] = b"peermesh/key-rotation/v1";
+
+/// What the server signs for one watcher: a full map or a punch
+/// instruction for node `node_id` on the stream it opened with `nonce`.
+pub fn map_personal_payload(
+    server_id: &str,
+    node_id: &str,
+    nonce: &[u8],
+    update: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128 + node_id.len() + nonce.len() + update.len());
+    push_field(&mut out, MAP_PERSONAL_DOMAIN);
+    push_field(&mut out, server_id.as_bytes());
+    push_field(&mut out, node_id.as_bytes());
+    push_field(&mut out, nonce);
+    push_field(&mut out, update);
+    out
+}
+
+/// What the server signs once for every watcher of `group`: a delta of the
+/// group's change feed run `epoch`.
+pub fn map_delta_payload(server_id: &str, group: &str, epoch: &[u8], update: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128 + group.len() + epoch.len() + update.len());
+    push_field(&mut out, MAP_DELTA_DOMAIN);
+    push_field(&mut out, server_id.as_bytes());
+    push_field(&mut out, group.as_bytes());
+    push_field(&mut out, epoch);
+    push_field(&mut out, update);
+    out
+}
+
+/// What the replaced server key signs when the server key is rotated to
+/// `new_key` (SubjectPublicKeyInfo, DER) at `at_ms`.
+pub fn rotation_payload(server_id: &str, new_key: &[u8], at_ms: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + server_id.len() + new_key.len());
+    push_field(&mut out, ROTATION_DOMAIN);
+    push_field(&mut out, server_id.as_bytes());
+    push_field(&mut out, new_key);
+    out.extend_from_slice(&at_ms.to_be_bytes());
+    out
+}
 
 fn push_field(out: &mut Vec<u8>, field: &[u8]) {
     out.extend_from_slice(&(field.len() as u64).to_be_bytes());
@@ -71,6 +115,14 @@ mod tests {
         );
         assert_ne!(auth_payload("s", b"k", 1), auth_payload("s", b"k", 2));
         assert_ne!(auth_payload("s", b"kk", 1), auth_payload("sk", b"k", 1));
+        assert_ne!(
+            map_personal_payload("s", "n", b"x", b"u"),
+            map_delta_payload("s", "n", b"x", b"u")
+        );
+        assert_ne!(
+            map_delta_payload("s", "g", b"e1", b"u"),
+            map_delta_payload("s", "g", b"e", b"1u")
+        );
         assert_ne!(
             relay_payload("t", b"k", &["/a".into(), "/b".into()], "r", 1),
             relay_payload("t", b"k", &["/a/b".into()], "r", 1)

@@ -60,7 +60,10 @@ pub struct RelayConfig {
     /// be a concrete, reachable address).
     pub external: Vec<Multiaddr>,
     pub control_url: String,
+    /// The relay token (`pmj_…`, with the server key's fingerprint).
     pub token: String,
+    /// Plaintext (`http://`) to a control server that is not on loopback.
+    pub insecure: bool,
     pub region: String,
     pub state_dir: PathBuf,
     /// Per-node limits.
@@ -153,7 +156,16 @@ pub async fn run(
     tracing::info!(relay = %me, listen = %bound, ?external, "relay listening");
     println!("meshnode relay {me} listening on {bound}");
 
-    let mut control = RelayControlClient::new(&config.control_url, keypair)?;
+    let token: peermesh_proto::token::JoinToken =
+        config
+            .token
+            .parse()
+            .map_err(|e: peermesh_proto::token::BadToken| RelayError::Refused {
+                code: Code::InvalidArgument,
+                message: format!("--token: {e}"),
+            })?;
+    let mut control =
+        RelayControlClient::new(&config.control_url, &token, keypair, config.insecure)?;
     let addrs: Vec<String> = external.iter().map(|a| a.to_string()).collect();
     let mut load = Load::default();
     let mut report = interval(LOAD_REPORT_INTERVAL);
@@ -167,7 +179,7 @@ pub async fn run(
         // whoever is already allowed while the control server is away.
         let stream = async {
             control
-                .register(&config.token, addrs.clone(), &config.region)
+                .register(&token, addrs.clone(), &config.region)
                 .await?;
             control.watch_members().await
         };
@@ -175,7 +187,7 @@ pub async fn run(
             _ = &mut shutdown => return Ok(()),
             r = stream => match r {
                 Ok(s) => { backoff = RECONNECT_FIRST; s }
-                Err(s) if matches!(s.code(), Code::PermissionDenied | Code::Unauthenticated | Code::InvalidArgument) => {
+                Err(s) if matches!(s.code(), Code::PermissionDenied | Code::Unauthenticated | Code::InvalidArgument | Code::FailedPrecondition) => {
                     return Err(s.into());
                 }
                 Err(s) => {

@@ -52,6 +52,25 @@ impl Bins {
                 .parent()
                 .expect("workspace");
             let mut cmd = Command::new(cargo);
+            // Cargo describes the test's package in CARGO_PKG_* and
+            // CARGO_MANIFEST_* (and a few more); ring's build script watches
+            // some of them, so passing them on would rebuild ring and all
+            // above it here, and again in the next `cargo test`.
+            for (name, _) in std::env::vars_os() {
+                let n = name.to_string_lossy();
+                if n.starts_with("CARGO_PKG_")
+                    || n.starts_with("CARGO_MANIFEST_")
+                    || matches!(
+                        n.as_ref(),
+                        "CARGO_CRATE_NAME"
+                            | "CARGO_BIN_NAME"
+                            | "CARGO_PRIMARY_PACKAGE"
+                            | "CARGO_TARGET_TMPDIR"
+                    )
+                {
+                    cmd.env_remove(&name);
+                }
+            }
             cmd.current_dir(workspace).args([
                 "build",
                 "--quiet",
@@ -150,7 +169,14 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
+    /// The server's URL: TLS, as a deployment uses it (the tokens pin the
+    /// server's key; the admin CLI reads it from the data directory).
     pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// The server's URL without TLS (plaintext is taken from loopback).
+    pub fn plaintext_url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
@@ -444,12 +470,24 @@ impl Lab {
 
     /// `meshnode up` with `token` (None: a restart that reuses the state).
     pub fn node(&mut self, name: &str, token: Option<&str>, extra: &[&str]) -> Result<Node> {
+        let url = self.server.url();
+        self.node_at(&url, name, token, extra)
+    }
+
+    /// [`Self::node`] with the control server at `url`.
+    pub fn node_at(
+        &mut self,
+        url: &str,
+        name: &str,
+        token: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Node> {
         let state = self.node_state(name);
         let log = self.dir.path().join(format!("node-{name}.log"));
         let mut cmd = Command::new(&Bins::get().meshnode);
         cmd.arg("up")
             .arg("--control")
-            .arg(self.server.url())
+            .arg(url)
             .arg("--state")
             .arg(&state)
             .arg("--name")

@@ -652,7 +652,9 @@ impl MeshLab {
 
     /// The control server's URL.
     pub fn url(&self) -> String {
-        format!("http://{}:{CONTROL_PORT}", self.server().ip())
+        // TLS: plaintext is taken from loopback only (the tokens pin the
+        // server's key).
+        format!("https://{}:{CONTROL_PORT}", self.server().ip())
     }
 
     /// The relay's address.

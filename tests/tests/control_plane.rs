@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use peermesh_tests::{stable_nodes, wait_for, Lab};
+use peermesh_tests::{stable_nodes, wait_for, Bins, Lab};
 
 /// The bound for a membership change to reach every node.
 const PROPAGATION: Duration = Duration::from_secs(2);
@@ -170,5 +170,218 @@ fn a_removed_node_disappears_and_stops() -> Result<()> {
     let mut fresh = fresh;
     assert_ne!(wait_for(SLOW, "c to exit", || fresh.exit_code())?, 0);
     assert!(fresh.log().contains("--token"), "{}", fresh.log());
+
+    // The removed node cannot come back with the token it joined with…
+    let mut back = lab.node("b", Some(&t2), &[])?;
+    assert_ne!(
+        wait_for(SLOW, "b's rejoin to fail", || back.exit_code())?,
+        0
+    );
+    assert!(
+        back.log()
+            .contains("removed after it joined with this token"),
+        "{}",
+        back.log()
+    );
+    // …and a single-use token (the default) does not let in a second node.
+    let mut second = lab.node("d", Some(&t1), &[])?;
+    assert_ne!(
+        wait_for(SLOW, "d's join to fail", || second.exit_code())?,
+        0
+    );
+    assert!(second.log().contains("used up"), "{}", second.log());
+    assert_eq!(
+        lab.server.admin_json(&["nodes"])?.as_array().unwrap().len(),
+        1,
+        "only a is left"
+    );
+    Ok(())
+}
+
+/// The token's last part: the fingerprint of the server key it pins.
+fn pin_of(token: &str) -> &str {
+    token.rsplit('_').next().unwrap()
+}
+
+/// `token` pinning another key than the server's (same secret).
+fn with_wrong_pin(token: &str) -> String {
+    let pin = pin_of(token);
+    let other = if pin.starts_with('0') { "1" } else { "0" };
+    format!("{}{other}{}", &token[..token.len() - pin.len()], &pin[1..])
+}
+
+#[test]
+fn a_node_joins_over_tls_and_refuses_a_server_with_another_key() -> Result<()> {
+    let mut lab = Lab::start()?;
+    lab.server.create_group("g")?;
+    let url = lab.server.url();
+    assert!(url.starts_with("https://"), "{url}");
+    let t1 = lab.server.token("g")?;
+    let t2 = lab.server.token("g")?;
+    assert_eq!(
+        pin_of(&t1).len(),
+        64,
+        "tokens carry the key's SHA-256: {t1}"
+    );
+    assert_eq!(pin_of(&t1), pin_of(&t2), "one server key");
+
+    // The token pins another key: the node refuses the server and says why,
+    // instead of retrying; its token's secret never reached the server.
+    let mut wrong = lab.node("wrong", Some(&with_wrong_pin(&t2)), &[])?;
+    assert_ne!(
+        wait_for(SLOW, "the node to refuse the server", || wrong.exit_code())?,
+        0
+    );
+    let log = wrong.log();
+    assert!(log.contains("is not the pinned key"), "{log}");
+    assert!(log.contains(pin_of(&t2)), "names the key it met: {log}");
+    let tokens = lab.server.admin_json(&["tokens"])?;
+    assert!(
+        tokens.as_array().unwrap().iter().all(|t| t["uses"] == 0),
+        "no token was used: {tokens:#}"
+    );
+
+    // The admin CLI pins too: given another fingerprint, it refuses the
+    // server and names both keys.
+    let out = std::process::Command::new(&Bins::get().control_server)
+        .args([
+            "admin",
+            "--server",
+            &url,
+            "--server-key",
+            pin_of(&with_wrong_pin(&t2)),
+        ])
+        .arg("--data")
+        .arg(&lab.server.data)
+        .arg("groups")
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("has key {}", pin_of(&t2))), "{err}");
+
+    // A relay pins the key its token names as well: with another key in
+    // it, it refuses the server and exits saying why.
+    let relay_token = with_wrong_pin(&lab.server.relay_token()?);
+    let mut cmd = std::process::Command::new(&Bins::get().meshnode);
+    cmd.args([
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        &url,
+        "--token",
+    ])
+    .arg(&relay_token)
+    .arg("--state")
+    .arg(lab.dir.path().join("relay-wrong"));
+    let relay = lab.spawn("relay-wrong", cmd)?;
+    wait_for(SLOW, "the relay to refuse the server", || {
+        let out = relay.output();
+        (out.contains("meshnode: ") && out.contains("is not the pinned key")).then_some(())
+    })?;
+
+    // The URL and the token are all a node needs; it remembers the key.
+    let a = lab.node("a", Some(&t1), &[])?;
+    let b = lab.node("b", Some(&t2), &[])?;
+    a.wait_peers(&["b"], SLOW)?;
+    b.wait_peers(&["a"], SLOW)?;
+    let membership: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.state.join("node.json"))?)?;
+    assert_eq!(membership["server_key"], pin_of(&t1), "{membership:#}");
+    assert_eq!(membership["control_url"], url.as_str(), "{membership:#}");
+    Ok(())
+}
+
+#[test]
+fn plaintext_only_to_loopback_and_the_pin_holds_there_too() -> Result<()> {
+    let mut lab = Lab::start()?;
+    lab.server.create_group("g")?;
+    let t1 = lab.server.token("g")?;
+    let t2 = lab.server.token("g")?;
+    let t3 = lab.server.token("g")?;
+
+    // http:// to an address that is not loopback is refused before any
+    // connection is made (192.0.2.1 is TEST-NET-1; nothing is sent there).
+    let mut remote = lab.node_at("http://192.0.2.1:7443", "remote", Some(&t1), &[])?;
+    assert_ne!(
+        wait_for(SLOW, "the node to refuse plaintext", || remote.exit_code())?,
+        0
+    );
+    let log = remote.log();
+    assert!(log.contains("not a loopback address"), "{log}");
+    assert!(log.contains("--insecure"), "says how to allow it: {log}");
+    let out = std::process::Command::new(&Bins::get().control_server)
+        .args(["admin", "--server", "http://192.0.2.1:7443", "--data"])
+        .arg(&lab.server.data)
+        .arg("groups")
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a loopback address"), "{err}");
+
+    // Plaintext to loopback works, and the server's key is still checked
+    // against the token, before the token is sent.
+    let plain = lab.server.plaintext_url();
+    let mut wrong = lab.node_at(&plain, "wrong", Some(&with_wrong_pin(&t3)), &[])?;
+    assert_ne!(
+        wait_for(SLOW, "the node to refuse the server", || wrong.exit_code())?,
+        0
+    );
+    assert!(
+        wrong.log().contains("is not the pinned key"),
+        "{}",
+        wrong.log()
+    );
+    let tokens = lab.server.admin_json(&["tokens"])?;
+    assert!(
+        tokens.as_array().unwrap().iter().all(|t| t["uses"] == 0),
+        "no token was used: {tokens:#}"
+    );
+    let a = lab.node_at(&plain, "a", Some(&t1), &[])?;
+    let b = lab.node("b", Some(&t2), &[])?;
+    a.wait_peers(&["b"], SLOW)?;
+    b.wait_peers(&["a"], SLOW)?;
+    Ok(())
+}
+
+#[test]
+fn nodes_follow_a_rotation_of_the_server_key() -> Result<()> {
+    let mut lab = Lab::start()?;
+    lab.server.create_group("g")?;
+    let t1 = lab.server.token("g")?;
+    let t2 = lab.server.token("g")?;
+    let mut a = lab.node("a", Some(&t1), &[])?;
+    let b = lab.node("b", Some(&t2), &[])?;
+    a.wait_peers(&["b"], SLOW)?;
+    b.wait_peers(&["a"], SLOW)?;
+    let old = pin_of(&t1).to_string();
+
+    let out = lab.server.admin(&["rotate-key"])?;
+    assert!(out.contains(&old), "{out}");
+    // New tokens pin the new key.
+    let t3 = lab.server.token("g")?;
+    let new = pin_of(&t3).to_string();
+    assert_ne!(new, old);
+    assert!(out.contains(&new), "{out}");
+
+    // The running nodes follow the old key's signature over the new one and
+    // keep the new pin; a restart without a token uses it.
+    let key_of = |state: &std::path::Path| -> Option<String> {
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(state.join("node.json")).ok()?).ok()?;
+        m["server_key"].as_str().map(str::to_string)
+    };
+    a.stop()?;
+    let a = lab.node("a", None, &[])?;
+    wait_for(SLOW, "a to pin the new key", || {
+        (key_of(&a.state)? == new).then_some(())
+    })?;
+    a.wait_peers(&["b"], SLOW)?;
+    // A node joining with a token of the old key follows the rotation too.
+    let c = lab.node("c", Some(&lab.server.token("g")?.replace(&new, &old)), &[])?;
+    c.wait_peers(&["a", "b"], SLOW)?;
+    assert_eq!(key_of(&c.state).as_deref(), Some(new.as_str()));
+    let d = lab.node("d", Some(&t3), &[])?;
+    d.wait_peers(&["a", "b", "c"], SLOW)?;
     Ok(())
 }

@@ -7,17 +7,20 @@ use peermesh_proto::api::{
     LinkTableRequest, LinkTableResponse, ListGroupsRequest, ListGroupsResponse, ListNodesRequest,
     ListNodesResponse, ListRelaysRequest, ListRelaysResponse, ListTokensRequest,
     ListTokensResponse, RemoveNodeRequest, RemoveNodeResponse, RevokeTokenRequest,
-    RevokeTokenResponse,
+    RevokeTokenResponse, RotateServerKeyRequest, RotateServerKeyResponse,
 };
+use peermesh_proto::token::JoinToken;
 use tonic::{Request, Response, Status};
 
 use crate::registry::Registry;
 use crate::relays::RelayDirectory;
+use crate::tls::KeyStore;
 use crate::{secrets, tokens};
 
 pub struct AdminApi {
     registry: Arc<Registry>,
     relays: Arc<RelayDirectory>,
+    keys: Arc<KeyStore>,
     credential_digest: [u8; 32],
 }
 
@@ -25,11 +28,13 @@ impl AdminApi {
     pub fn new(
         registry: Arc<Registry>,
         relays: Arc<RelayDirectory>,
+        keys: Arc<KeyStore>,
         admin_credential: &str,
     ) -> Self {
         Self {
             registry,
             relays,
+            keys,
             credential_digest: secrets::digest(admin_credential),
         }
     }
@@ -72,12 +77,18 @@ impl Admin for AdminApi {
     ) -> Result<Response<CreateTokenResponse>, Status> {
         self.check(&req)?;
         let r = req.get_ref();
-        let (token, info) = self
+        let (secret, info) = self
             .registry
-            .create_token_with(&r.group, r.ttl_seconds, r.max_uses, r.relay)
+            .create_token_with(&r.group, r.ttl_seconds, r.max_uses, r.reusable, r.relay)
             .await?;
+        // The token carries the server key's fingerprint: the URL and the
+        // token are all a node needs to reach this server, and only it.
+        let token = JoinToken {
+            secret,
+            pin: Some(self.keys.pin()),
+        };
         Ok(Response::new(CreateTokenResponse {
-            token,
+            token: token.to_string(),
             info: Some(info),
         }))
     }
@@ -140,6 +151,22 @@ impl Admin for AdminApi {
         self.check(&req)?;
         Ok(Response::new(LinkTableResponse {
             links: self.registry.link_table(&req.get_ref().group)?,
+        }))
+    }
+
+    async fn rotate_server_key(
+        &self,
+        req: Request<RotateServerKeyRequest>,
+    ) -> Result<Response<RotateServerKeyResponse>, Status> {
+        self.check(&req)?;
+        let (old, new) = self
+            .keys
+            .rotate()
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(RotateServerKeyResponse {
+            old_pin: old.to_string(),
+            new_pin: new.to_string(),
         }))
     }
 

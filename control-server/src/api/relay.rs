@@ -9,19 +9,27 @@ use peermesh_proto::api::{
 };
 use tonic::{Request, Response, Status};
 
+use super::node::{conn, WatchCounts, WatchSlot};
 use super::stream::{self, Feed, Step, UpdateStream};
 use crate::hub::MemberEvent;
 use crate::relays::{
     MemberCursor, MemberStep, MemberSubscription, RelayCtx, RelayDirectory, RelayGuard,
 };
+use crate::tls::{KeyStore, StreamGuard};
 
 pub struct RelayApi {
     relays: Arc<RelayDirectory>,
+    keys: Arc<KeyStore>,
+    watches: Arc<WatchCounts>,
 }
 
 impl RelayApi {
-    pub fn new(relays: Arc<RelayDirectory>) -> Self {
-        Self { relays }
+    pub fn new(relays: Arc<RelayDirectory>, keys: Arc<KeyStore>, max_watches: usize) -> Self {
+        Self {
+            relays,
+            keys,
+            watches: WatchCounts::new(max_watches),
+        }
     }
 
     fn ctx<T>(&self, req: &Request<T>) -> Result<RelayCtx, Status> {
@@ -36,9 +44,9 @@ impl RelayControl for RelayApi {
         &self,
         req: Request<RegisterRelayRequest>,
     ) -> Result<Response<RegisterRelayResponse>, Status> {
-        Ok(Response::new(
-            self.relays.register_relay(req.get_ref()).await?,
-        ))
+        let mut resp = self.relays.register_relay(req.get_ref()).await?;
+        resp.server_identity = Some(self.keys.identity());
+        Ok(Response::new(resp))
     }
 
     type WatchMembersStream = UpdateStream<MemberUpdate>;
@@ -48,6 +56,8 @@ impl RelayControl for RelayApi {
         req: Request<WatchMembersRequest>,
     ) -> Result<Response<Self::WatchMembersStream>, Status> {
         let ctx = self.ctx(&req)?;
+        let slot = self.watches.open(&ctx.relay_id, "relay")?;
+        let stream_guard = conn(&req)?.activity.stream();
         let MemberSubscription {
             first,
             cursor,
@@ -59,6 +69,8 @@ impl RelayControl for RelayApi {
             ctx,
             cursor,
             _guard: guard,
+            _slot: slot,
+            _stream: stream_guard,
         };
         Ok(Response::new(stream::spawn(feed, first, events, None)))
     }
@@ -81,6 +93,8 @@ struct MembersFeed {
     cursor: MemberCursor,
     /// Takes the relay offline with its last stream.
     _guard: RelayGuard,
+    _slot: WatchSlot,
+    _stream: StreamGuard,
 }
 
 impl Feed for MembersFeed {

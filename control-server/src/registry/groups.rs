@@ -45,24 +45,29 @@ impl Registry {
             .collect())
     }
 
-    /// A join token for nodes of `group`.
+    /// A join token for nodes of `group`, good for `max_uses` nodes (0: any
+    /// number).
     pub async fn create_token(
         &self,
         group: &str,
         ttl_secs: u64,
         max_uses: u32,
     ) -> Result<(String, TokenInfo)> {
-        self.create_token_with(group, ttl_secs, max_uses, false)
+        self.create_token_with(group, ttl_secs, max_uses, max_uses == 0, false)
             .await
     }
 
     /// A join token for nodes of `group`, or with `relay` a token for relay
-    /// servers (which belong to no group: `group` must be empty).
+    /// servers (which belong to no group: `group` must be empty). Good for
+    /// `max_uses` joins; 0 means one, unless `reusable` (then any number
+    /// until it expires, within the cap of nodes per group). Returns the
+    /// secret (`pmj_…`); the API adds the server key's fingerprint.
     pub async fn create_token_with(
         &self,
         group: &str,
         ttl_secs: u64,
         max_uses: u32,
+        reusable: bool,
         relay: bool,
     ) -> Result<(String, TokenInfo)> {
         if relay {
@@ -88,6 +93,16 @@ impl Registry {
             self.default_token_ttl_ms
         } else {
             ttl_secs * 1000
+        };
+        if reusable && max_uses != 0 {
+            return Err(ControlError::invalid(
+                "a token is either reusable or good for max_uses joins, not both",
+            ));
+        }
+        let max_uses = if max_uses == 0 && !reusable {
+            1
+        } else {
+            max_uses
         };
         let token = secrets::generate(secrets::JOIN_TOKEN_PREFIX);
         let now = self.now();

@@ -68,8 +68,30 @@ impl Registry {
             let repeat = existing
                 .as_ref()
                 .is_some_and(|n| n.state == NodeState::Active as i32 && n.token_id == token_id);
+            if !repeat && self.store.token_used_by(&token_id, &node_id)? {
+                // Removed (or revoked) since: the token it used was for
+                // that admission, not for coming back.
+                return Err(ControlError::PermissionDenied(
+                    "this node was removed after it joined with this token; an administrator \
+                     must give it a new token to come back"
+                        .into(),
+                ));
+            }
+            if existing.is_none() {
+                let in_group = self.names().get(&token.group).map_or(0, |n| n.len());
+                if in_group >= self.max_nodes_per_group as usize {
+                    // Not RESOURCE_EXHAUSTED: clients retry that (rate
+                    // limits pass); a full group waits for an administrator.
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "group {:?} holds {in_group} nodes, the limit of this server \
+                         (control-server serve --max-group-nodes); remove nodes first",
+                        token.group
+                    )));
+                }
+            }
             if !repeat {
                 tokens::take_use(&self.store, &mut token, "join")?;
+                self.store.put_token_use(&token_id, &node_id, now)?;
             }
             let keep_name = existing
                 .as_ref()
@@ -116,6 +138,8 @@ impl Registry {
             name: rec.name,
             session: Some(session),
             server_id: self.server_id().to_string(),
+            // The API adds the server key.
+            server_identity: None,
         })
     }
 
@@ -170,6 +194,8 @@ impl Registry {
             name: rec.name,
             session: Some(session),
             server_id: self.server_id().to_string(),
+            // The API adds the server key.
+            server_identity: None,
         })
     }
 

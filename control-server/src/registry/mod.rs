@@ -48,6 +48,7 @@ pub struct Registry {
     sessions: Sessions,
     hub: Arc<Hub>,
     default_token_ttl_ms: u64,
+    max_nodes_per_group: u32,
     /// Node names in use; a leaf lock, taken under a group's.
     names: Mutex<Names>,
     /// Mesh (TUN) addresses in use; a leaf lock, taken under a group's.
@@ -78,6 +79,7 @@ impl Registry {
             sessions,
             hub,
             default_token_ttl_ms: limits.default_token_ttl_ms,
+            max_nodes_per_group: limits.max_nodes_per_group,
             names: Mutex::new(HashMap::new()),
         };
         for g in registry.store.groups()? {

@@ -57,6 +57,11 @@ impl Registry {
         })
     }
 
+    /// The fan-out of `group` (for its feed epoch).
+    pub fn group_hub(&self, group: &str) -> Result<Arc<crate::hub::GroupHub>> {
+        self.group(group)
+    }
+
     /// A fresh full map for a watcher that fell behind.
     pub fn resync(&self, ctx: &NodeCtx) -> Result<NetworkMapUpdate> {
         self.group(&ctx.group)?.lock().snapshot(&ctx.node_id)

@@ -405,8 +405,12 @@ async fn retried_join_does_not_use_up_a_single_use_token() {
     assert_eq!(again.node_id, first.node_id);
     assert_eq!(again.name, "box");
     assert_eq!(f.token_info(&info.token_id).uses, 1);
-    // Both sessions are good.
-    f.reg.authorize(&first.credential).expect("first session");
+    // The retry's session replaced the first: sessions rotate, they do not
+    // pile up.
+    assert_unauthenticated(
+        f.reg.authorize(&first.credential),
+        "unknown or expired session",
+    );
     f.reg.authorize(&again.credential).expect("second session");
     // The single use is still taken, though.
     let other = Keypair::generate_ed25519();
@@ -660,8 +664,14 @@ async fn authenticate_removed_node_is_told_why() {
         f.authenticate(&kp, f.ts()).await,
         "removed by an administrator",
     );
-    // A new join (an administrator's new decision) lets it back in.
-    let again = f.join_ok(&kp, &token, "a").await;
+    // Not with the token it first joined with: that admission is over.
+    assert_permission_denied(
+        f.join(&kp, &token, "a").await,
+        "removed after it joined with this token",
+    );
+    // A new token (an administrator's new decision) lets it back in.
+    let (fresh, _) = f.token("lab", 0, 0).await;
+    let again = f.join_ok(&kp, &fresh, "a").await;
     f.authenticate(&kp, f.ts()).await.expect("back again");
 
     f.reg.leave(&again.ctx).await.expect("leave");
@@ -1037,8 +1047,10 @@ async fn watch_by_a_node_that_is_gone_is_refused() {
     // The node is removed between authorization and the watch.
     f.reg.remove_node("a", "").await.expect("remove");
     assert_permission_denied(f.reg.watch(&a.ctx).map(|s| s.version), "not a member");
-    // Nothing was left behind: the node, back again, is not online.
-    let again = f.join_ok(&kp, &token, "a").await;
+    // Nothing was left behind: the node, back again (with a new token),
+    // is not online.
+    let (fresh, _) = f.token("lab", 0, 0).await;
+    let again = f.join_ok(&kp, &fresh, "a").await;
     assert!(!f.node(&again.node_id).online);
 
     // A group that does not exist.
@@ -1330,7 +1342,15 @@ async fn state_survives_a_restart() {
         .unwrap();
     f.reg.revoke_token(&t2, false).await.unwrap();
     let auth_ts = f.ts();
-    f.authenticate(&a_kp, auth_ts).await.unwrap();
+    let a_session = f
+        .authenticate(&a_kp, auth_ts)
+        .await
+        .unwrap()
+        .session
+        .expect("a session")
+        .credential;
+    // Re-authentication replaced the join's session.
+    assert!(f.reg.authorize(&a.credential).is_err());
 
     let server_id = f.reg.server_id().to_string();
     let groups = f.reg.list_groups().unwrap();
@@ -1362,7 +1382,7 @@ async fn state_survives_a_restart() {
     assert_eq!(f.reg.link_table("").unwrap(), links);
 
     // Old sessions still work; the revoked node's do not.
-    assert_eq!(f.reg.authorize(&a.credential).unwrap().node_id, a.node_id);
+    assert_eq!(f.reg.authorize(&a_session).unwrap().node_id, a.node_id);
     assert_eq!(f.reg.authorize(&c.credential).unwrap().group, "prod");
     assert!(f.reg.authorize(&b.credential).is_err());
     assert_eq!(f.node(&b.node_id).state, NodeState::Revoked as i32);

@@ -34,8 +34,13 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start() -> Self {
+        Self::start_with(peermesh_control_server::server::Options::default()).await
+    }
+
+    /// A server with other limits or certificate than the defaults.
+    pub async fn start_with(options: peermesh_control_server::server::Options) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let server = Server::bind("127.0.0.1:0".parse().unwrap(), dir.path())
+        let server = Server::bind_with("127.0.0.1:0".parse().unwrap(), dir.path(), options)
             .await
             .expect("bind");
         let addr = server.local_addr().expect("local addr");
@@ -88,6 +93,54 @@ impl Drop for TestServer {
     }
 }
 
+/// A watch request with a fresh nonce (the stream's full maps are signed
+/// over it).
+pub fn watch_request() -> peermesh_proto::api::WatchNetworkMapRequest {
+    let mut nonce = vec![0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
+    peermesh_proto::api::WatchNetworkMapRequest { nonce }
+}
+
+/// The update a signed stream message carries (the signature is checked by
+/// the node's tests; here only the content matters).
+pub fn unsigned(
+    signed: &peermesh_proto::api::SignedMapUpdate,
+) -> peermesh_proto::api::NetworkMapUpdate {
+    prost::Message::decode(signed.update.as_ref()).expect("a NetworkMapUpdate")
+}
+
+/// A watch stream read as plain map updates.
+pub struct MapWatch(pub tonic::Streaming<peermesh_proto::api::SignedMapUpdate>);
+
+impl MapWatch {
+    pub async fn message(
+        &mut self,
+    ) -> Result<Option<peermesh_proto::api::NetworkMapUpdate>, Status> {
+        Ok(self.0.message().await?.map(|s| unsigned(&s)))
+    }
+}
+
+/// A stream of messages: a gRPC stream, or a [`MapWatch`].
+#[allow(async_fn_in_trait)]
+pub trait Messages {
+    type Item;
+    async fn next_message(&mut self) -> Result<Option<Self::Item>, Status>;
+}
+
+impl<T> Messages for tonic::Streaming<T> {
+    type Item = T;
+    async fn next_message(&mut self) -> Result<Option<T>, Status> {
+        self.message().await
+    }
+}
+
+impl Messages for MapWatch {
+    type Item = peermesh_proto::api::NetworkMapUpdate;
+    async fn next_message(&mut self) -> Result<Option<Self::Item>, Status> {
+        self.message().await
+    }
+}
+
 /// `msg` with `authorization: Bearer <credential>`.
 pub fn bearer<T>(msg: T, credential: &str) -> Request<T> {
     with_authorization(msg, &format!("Bearer {credential}"))
@@ -124,6 +177,7 @@ pub fn join_request(kp: &Keypair, token: &str, name: &str) -> JoinRequest {
 }
 
 pub fn join_request_at(kp: &Keypair, token: &str, name: &str, ts: u64) -> JoinRequest {
+    let token = &secret(token);
     let public_key = kp.public().encode_protobuf();
     let signature = kp
         .sign(&signing::join_payload(token, &public_key, name, ts))
@@ -172,11 +226,22 @@ pub async fn create_token(
             group: group.to_string(),
             ttl_seconds,
             max_uses,
+            // 0 here: any number of uses (the admin API's default is one).
+            reusable: max_uses == 0,
             ..Default::default()
         }))
         .await
         .expect("create token")
         .into_inner()
+}
+
+/// The secret of a token as `create-token` prints it (`pmj_SECRET_PIN`):
+/// what a JoinRequest carries. Anything else (the bad-input tests' garbage)
+/// passes unchanged.
+pub fn secret(token: &str) -> String {
+    token
+        .parse::<peermesh_proto::token::JoinToken>()
+        .map_or_else(|_| token.to_string(), |t| t.secret)
 }
 
 /// A node that joined: its key, the join answer and the request that got it.

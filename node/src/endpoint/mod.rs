@@ -55,8 +55,12 @@ pub struct EndpointConfig {
     pub state_dir: PathBuf,
     /// Control server URL; remembered from an earlier run when absent.
     pub control_url: Option<String>,
-    /// Join token; needed only until the node has joined.
+    /// Join token (`pmj_…`, with the server key's fingerprint); needed only
+    /// until the node has joined.
     pub token: Option<String>,
+    /// Plaintext (`http://`) to a control server that is not on loopback:
+    /// only on a network the user trusts (maps stay signed).
+    pub insecure: bool,
     /// Requested name; defaults to the host name.
     pub name: Option<String>,
     /// Extra addresses (multiaddrs) to publish for this node.
@@ -78,6 +82,7 @@ impl EndpointConfig {
             state_dir: state_dir.into(),
             control_url: None,
             token: None,
+            insecure: false,
             name: None,
             advertise: Vec::new(),
             link_report_interval: LINK_REPORT_INTERVAL,
@@ -158,10 +163,37 @@ impl Endpoint {
                 });
             }
         }
-        let client = ControlClient::new(&url, keypair.clone())?;
+        let token = config
+            .token
+            .as_deref()
+            .map(str::parse::<peermesh_proto::token::JoinToken>)
+            .transpose()
+            .map_err(|e| NodeError::Refused {
+                code: Code::InvalidArgument,
+                message: format!("--token: {e}"),
+            })?;
+        if token.is_none() && remembered.is_none() {
+            return Err(NodeError::NotJoined);
+        }
+        // The server key: pinned by the token, or remembered since the join.
+        let pin = match (&token, &remembered) {
+            (Some(t), _) if t.pin.is_some() => t.pin,
+            (_, Some(m)) if !m.server_key.is_empty() => {
+                Some(m.server_key.parse().map_err(|e| NodeError::CorruptState {
+                    path: state.root().join("node.json"),
+                    reason: format!("server_key: {e}"),
+                })?)
+            }
+            _ => None,
+        };
+        let security = peermesh_proto::client::Security {
+            trust: peermesh_proto::tls::ServerTrust::new(pin),
+            insecure: config.insecure,
+        };
+        let client = ControlClient::new(&url, keypair.clone(), security)?;
         // Join with a token, or open a session as the member the state
         // directory remembers; either way the server says who we are.
-        let (server_id, node_id, name, group) = match (&config.token, &remembered) {
+        let (server_id, node_id, name, group) = match (&token, &remembered) {
             (Some(token), _) => {
                 let name = sanitize_name(
                     config
@@ -196,6 +228,10 @@ impl Endpoint {
         let membership = Membership {
             control_url: url.clone(),
             server_id,
+            server_key: client
+                .server_pin()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
             node_id,
             name,
             group,
@@ -233,6 +269,7 @@ impl Endpoint {
         let session = session::Session::new(session::Wiring {
             client,
             membership: membership.clone(),
+            state: state.clone(),
             advertise: config.advertise,
             link_report_interval: config.link_report_interval,
             view: view.clone(),

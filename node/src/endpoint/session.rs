@@ -20,13 +20,13 @@ use tonic::Code;
 
 use super::events::EventLog;
 use super::punching::{self, PunchCtx, MAX_CANDIDATES};
-use crate::control::ControlClient;
+use crate::control::{ControlClient, MapError};
 use crate::error::{NodeError, Result};
 use crate::link::{LinkStatus, PathEvent};
 use crate::mesh::{MeshCommand, MeshEvent, MeshHandle};
 use crate::netmap::{MapChange, NetworkMap};
 use crate::punch::coordinated::Report;
-use crate::state_dir::Membership;
+use crate::state_dir::{Membership, StateDir};
 use crate::swarm::punched::Adopter;
 use crate::swarm::RelayEntry;
 
@@ -141,6 +141,8 @@ pub(crate) enum NatProgress {
 pub(crate) struct Session {
     client: ControlClient,
     membership: Membership,
+    /// Where the membership is kept (a rotated server key is saved there).
+    state: StateDir,
     advertise: Vec<String>,
     map: NetworkMap,
     links: BTreeMap<String, LinkState>,
@@ -180,6 +182,7 @@ pub(crate) type Outcome = Result<()>;
 pub(crate) struct Wiring {
     pub client: ControlClient,
     pub membership: Membership,
+    pub state: StateDir,
     /// Extra addresses to publish (`EndpointConfig::advertise`).
     pub advertise: Vec<String>,
     pub link_report_interval: Duration,
@@ -193,10 +196,11 @@ impl Session {
         let (nat_tx, nat_rx) = mpsc::channel(2);
         let (punch_reports_tx, punch_reports_rx) = mpsc::channel(PUNCH_REPORT_QUEUE);
         Self {
+            map: NetworkMap::of_node(w.membership.node_id.clone()),
             client: w.client,
             membership: w.membership,
+            state: w.state,
             advertise: w.advertise,
-            map: NetworkMap::default(),
             links: BTreeMap::new(),
             view: w.view,
             events: w.events,
@@ -511,6 +515,7 @@ impl Session {
                 }
                 msg = stream.message() => match msg {
                     Ok(Some(update)) => {
+                        self.save_server_key();
                         self.maybe_discover_nat(&update);
                         match self.map.apply(update) {
                             Ok(changes) => {
@@ -520,7 +525,10 @@ impl Session {
                                 }
                                 links_dirty |= self.on_changes(changes).await;
                             }
-                            Err(e) => return Ok(SessionEnd::Retry(format!("bad map update: {e}"))),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "map update refused");
+                                return Ok(SessionEnd::Retry(format!("map update refused: {e}")));
+                            }
                         }
                         self.publish();
                         if links_dirty {
@@ -531,7 +539,11 @@ impl Session {
                         }
                     }
                     Ok(None) => return Ok(SessionEnd::Retry("watch stream ended".into())),
-                    Err(s) => return session_end(s),
+                    Err(MapError::Status(s)) => return session_end(s),
+                    Err(MapError::Refused(e)) => {
+                        tracing::warn!(error = %e, "map update refused");
+                        return Ok(SessionEnd::Retry(format!("map update refused: {e}")));
+                    }
                 },
                 _ = report.tick() => {
                     if let Err(s) = self.report_links().await {
@@ -558,6 +570,21 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// Keeps the server key's fingerprint in the state directory when it
+    /// moved (a signed rotation): the next start pins the new key.
+    fn save_server_key(&mut self) {
+        let Some(pin) = self.client.server_pin().map(|p| p.to_string()) else {
+            return;
+        };
+        if pin == self.membership.server_key {
+            return;
+        }
+        self.membership.server_key = pin;
+        if let Err(e) = self.state.save_membership(&self.membership) {
+            tracing::warn!(error = %e, "could not save the control server's new key");
         }
     }
 
@@ -750,7 +777,8 @@ fn session_end(s: tonic::Status) -> Result<SessionEnd> {
 }
 
 /// Retries `op` while the server is unreachable (it may be starting or
-/// restarting); any answer from it is returned.
+/// restarting) or over a rate limit (a whole site starting at once); any
+/// other answer from it is returned.
 pub(super) async fn retry_unavailable<T, F, Fut>(mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -760,6 +788,11 @@ where
     loop {
         match op().await {
             Ok(v) => return Ok(v),
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                let d = backoff.step();
+                tracing::warn!(error = %s.message(), retry_in_ms = d.as_millis() as u64, "control server busy");
+                tokio::time::sleep(d).await;
+            }
             Err(s)
                 if matches!(
                     s.code(),
@@ -814,5 +847,38 @@ mod tests {
         });
         assert_eq!((l.path, l.bytes_in), (Some(PathKind::Direct), 7));
         assert_eq!((l.undeliverable, l.flooded), (3, 5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limits_and_outages_are_waited_out_refusals_are_not() {
+        let calls = std::cell::Cell::new(0);
+        let r = retry_unavailable(|| {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            async move {
+                match n {
+                    1 => Err(tonic::Status::resource_exhausted(
+                        "Join is limited to 10/s per client address",
+                    )),
+                    2 => Err(tonic::Status::unavailable("connection refused")),
+                    _ => Ok(n),
+                }
+            }
+        })
+        .await;
+        assert_eq!(r.unwrap(), 3);
+
+        calls.set(0);
+        let r: Result<()> = retry_unavailable(|| {
+            calls.set(calls.get() + 1);
+            async {
+                Err(tonic::Status::failed_precondition(
+                    "group \"g\" holds 3 nodes",
+                ))
+            }
+        })
+        .await;
+        assert!(r.unwrap_err().to_string().contains("holds 3 nodes"));
+        assert_eq!(calls.get(), 1, "a refusal is not retried");
     }
 }
