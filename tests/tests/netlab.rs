@@ -1020,10 +1020,21 @@ fn a_nat_that_loses_its_mappings() {
             }
         }
         assert_eq!(got.len() as u32, sent, "{kind:?}: the stream out went on");
-        let after = *sources.iter().find(|s| **s != m).unwrap_or(&m);
+        // The newest mapping (the highest port of a sequential NAT).
+        let after = *sources.iter().max_by_key(|s| s.port()).unwrap_or(&m);
         if kind == NatKind::SymmetricSequential {
-            assert_eq!(sources.len(), 2, "{kind:?}: {sources:?}");
-            assert_eq!(after.port(), m.port() + 1, "{kind:?}: {sources:?}");
+            // A new mapping on the next port; a packet in flight while the
+            // table is flushed may cost one more (its entry is made, then
+            // flushed too), never a jump.
+            let ports: Vec<u16> = sources.iter().map(|s| s.port()).collect();
+            assert!(
+                (2..=3).contains(&sources.len())
+                    && ports
+                        .iter()
+                        .enumerate()
+                        .all(|(i, p)| *p == m.port() + i as u16),
+                "{kind:?}: {sources:?}"
+            );
         } else {
             assert_eq!(sources.len(), 1, "{kind:?}: the port is kept: {sources:?}");
         }
