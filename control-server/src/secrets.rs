@@ -2,6 +2,8 @@
 //! Only their SHA-256 digests are stored, so a copy of the data directory
 //! does not let anyone join or act as a node.
 
+use std::path::Path;
+
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -36,6 +38,24 @@ pub fn token_id(token: &str) -> String {
 
 pub fn digest_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.ct_eq(b).into()
+}
+
+/// Writes a secret to `path`, readable by the owner only (mode 0600), whole
+/// or not at all: a temporary file beside it, synced, then renamed.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

@@ -121,21 +121,7 @@ pub fn admin_credential(data: &Path) -> Result<String, ServeError> {
         ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let credential = secrets::generate(secrets::ADMIN_PREFIX);
-            let tmp = data.join(format!("{ADMIN_TOKEN_FILE}.tmp"));
-            {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(io)?;
-                writeln!(f, "{credential}").map_err(io)?;
-                f.sync_all().map_err(io)?;
-            }
-            std::fs::rename(&tmp, &path).map_err(io)?;
+            secrets::write_private(&path, &format!("{credential}\n")).map_err(io)?;
             Ok(credential)
         }
         Err(e) => Err(io(e)),

@@ -16,7 +16,7 @@ use tonic::Request;
 use crate::api::{
     node_control_client::NodeControlClient, GetServerIdentityRequest, ServerIdentity,
 };
-use crate::tls::{self, AnyKeyVerifier, KeyPin, PinnedVerifier, ServerTrust};
+use crate::tls::{self, KeyPin, KeyVerifier, ServerTrust};
 
 /// Longest wait for a TCP connection to the control server: long enough for
 /// a path across the world with a retransmitted SYN, short enough that a
@@ -111,7 +111,7 @@ pub fn channel(url: &str, security: &Security) -> Result<Channel, BadUrl> {
                 .into(),
         });
     }
-    let config = tls::client_config(Arc::new(PinnedVerifier::new(security.trust.clone())));
+    let config = tls::client_config(Arc::new(KeyVerifier::pinned(security.trust.clone())));
     Ok(endpoint.connect_with_connector_lazy(tls_connector(Arc::new(config))))
 }
 
@@ -122,7 +122,7 @@ pub fn channel(url: &str, security: &Security) -> Result<Channel, BadUrl> {
 pub async fn fetch_identity(url: &str) -> Result<(ServerIdentity, Option<KeyPin>), tonic::Status> {
     let endpoint = endpoint(url).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
     let (channel, seen) = if endpoint.uri().scheme_str() == Some("https") {
-        let verifier = Arc::new(AnyKeyVerifier::default());
+        let verifier = Arc::new(KeyVerifier::observing());
         let config = tls::client_config(verifier.clone());
         let channel = endpoint
             .connect_with_connector(tls_connector(Arc::new(config)))
@@ -140,7 +140,7 @@ pub async fn fetch_identity(url: &str) -> Result<(ServerIdentity, Option<KeyPin>
         .get_server_identity(GetServerIdentityRequest {})
         .await?
         .into_inner();
-    let seen = seen.and_then(|v| *v.seen.lock().unwrap_or_else(|p| p.into_inner()));
+    let seen = seen.and_then(|v| v.seen());
     Ok((identity, seen))
 }
 

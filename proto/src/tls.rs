@@ -270,24 +270,52 @@ fn follow_rotations(
     Ok(Some(KeyPin::of_spki(&current)))
 }
 
-/// Accepts exactly the server certificates whose key is pinned in `trust`
-/// (and checks that the server holds that key: the handshake's signature).
+/// What a [`KeyVerifier`] accepts.
 #[derive(Debug)]
-pub struct PinnedVerifier {
-    trust: ServerTrust,
+enum KeyPolicy {
+    /// Exactly the server certificates whose key is pinned in the trust.
+    Pinned(ServerTrust),
+    /// Any certificate, remembering which key it was: for fetching the
+    /// (self-authenticating) server identity after a rotation, never for
+    /// sending a secret.
+    Observe(Mutex<Option<KeyPin>>),
+}
+
+/// Checks the server's certificate key by [`KeyPolicy`]; either way the
+/// handshake's signature proves that the server holds that key.
+#[derive(Debug)]
+pub struct KeyVerifier {
+    policy: KeyPolicy,
     provider: Arc<CryptoProvider>,
 }
 
-impl PinnedVerifier {
-    pub fn new(trust: ServerTrust) -> Self {
+impl KeyVerifier {
+    /// Accepts exactly the keys pinned in `trust`.
+    pub fn pinned(trust: ServerTrust) -> Self {
         Self {
-            trust,
+            policy: KeyPolicy::Pinned(trust),
             provider: provider(),
+        }
+    }
+
+    /// Accepts any key the server proves to hold; [`Self::seen`] tells which.
+    pub fn observing() -> Self {
+        Self {
+            policy: KeyPolicy::Observe(Mutex::new(None)),
+            provider: provider(),
+        }
+    }
+
+    /// The key an observing verifier last accepted.
+    pub fn seen(&self) -> Option<KeyPin> {
+        match &self.policy {
+            KeyPolicy::Observe(seen) => *seen.lock().unwrap_or_else(|p| p.into_inner()),
+            KeyPolicy::Pinned(_) => None,
         }
     }
 }
 
-impl ServerCertVerifier for PinnedVerifier {
+impl ServerCertVerifier for KeyVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -297,7 +325,14 @@ impl ServerCertVerifier for PinnedVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let presented = KeyPin::of_cert(end_entity)?;
-        let mut st = self.trust.lock();
+        let trust = match &self.policy {
+            KeyPolicy::Observe(seen) => {
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(presented);
+                return Ok(ServerCertVerified::assertion());
+            }
+            KeyPolicy::Pinned(trust) => trust,
+        };
+        let mut st = trust.lock();
         match st.pin {
             Some(pin) if pin == presented => Ok(ServerCertVerified::assertion()),
             Some(pin) => {
@@ -310,72 +345,6 @@ impl ServerCertVerifier for PinnedVerifier {
                 "no pinned server key: https:// needs the key fingerprint of a join token".into(),
             )),
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// Accepts any certificate whose key the server proves to hold, and tells
-/// which key it was: for fetching the (self-authenticating) server identity
-/// after a rotation, never for sending a secret.
-#[derive(Debug)]
-pub struct AnyKeyVerifier {
-    pub seen: Mutex<Option<KeyPin>>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl Default for AnyKeyVerifier {
-    fn default() -> Self {
-        Self {
-            seen: Mutex::new(None),
-            provider: provider(),
-        }
-    }
-}
-
-impl ServerCertVerifier for AnyKeyVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(KeyPin::of_cert(end_entity)?);
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use peermesh_tests::bench::parse_list;
 use peermesh_tests::Lab;
 use serde_json::{json, Value};
 use support::{blake3_file, make_file, wait_mesh, Get, Origin};
@@ -61,14 +62,7 @@ fn args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         match k.as_str() {
-            "--nodes" => {
-                a.nodes = it
-                    .next()
-                    .context("--nodes")?
-                    .split(',')
-                    .map(|n| n.parse())
-                    .collect::<Result<_, _>>()?
-            }
+            "--nodes" => a.nodes = parse_list(&it.next().context("--nodes")?, "--nodes")?,
             "--size-mib" => a.size_mib = it.next().context("--size-mib")?.parse()?,
             "--origin-mbit" => a.origin_mbit = it.next().context("--origin-mbit")?.parse()?,
             "--json" => a.json = it.next().context("--json")?.into(),

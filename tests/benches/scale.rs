@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use peermesh_tests::bench::{cpu_share, machine_info, rss_bytes};
+use peermesh_tests::bench::{cpu_share, machine_info, parse_list, rss_bytes};
 use peermesh_tests::{Lab, Node};
 use serde_json::json;
 
@@ -31,14 +31,7 @@ fn args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         match k.as_str() {
-            "--nodes" => {
-                a.nodes = it
-                    .next()
-                    .context("--nodes N,N,…")?
-                    .split(',')
-                    .map(|n| n.parse())
-                    .collect::<Result<_, _>>()?
-            }
+            "--nodes" => a.nodes = parse_list(&it.next().context("--nodes N,N,…")?, "--nodes")?,
             "--idle-seconds" => {
                 a.idle = Duration::from_secs_f64(it.next().context("--idle-seconds S")?.parse()?)
             }

@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use peermesh_tests::bench::parse_list;
 use peermesh_tests::meshlab::{poll, udp_goodput, MeshLab, MeshNode};
 use peermesh_tests::netlab::{lab_or_skip, NatKind, Ns, SiteOpts};
 use serde_json::{json, Value};
@@ -68,12 +69,7 @@ fn parse_args() -> Result<Args> {
     while let Some(arg) = it.next() {
         let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
-            "--mtu" => {
-                a.mtus = value()?
-                    .split(',')
-                    .map(|m| m.trim().parse().context("--mtu"))
-                    .collect::<Result<_>>()?
-            }
+            "--mtu" => a.mtus = parse_list(&value()?, "--mtu")?,
             "--seconds" => a.seconds = value()?.parse()?,
             "--rtt-samples" => a.rtt_samples = value()?.parse()?,
             "--json" => a.json = PathBuf::from(value()?),

@@ -1,9 +1,24 @@
 //! What the benchmarks share: the machine they ran on, and the CPU and
 //! memory a set of processes used.
 
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, Result};
+
 use serde_json::{json, Value};
+
+/// A comma-separated list argument (`--nodes 4,8,16`), each item parsed;
+/// `what` names the flag in the error.
+pub fn parse_list<T: FromStr>(value: &str, what: &str) -> Result<Vec<T>>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    value
+        .split(',')
+        .map(|v| v.trim().parse().with_context(|| format!("{what}: {v:?}")))
+        .collect()
+}
 
 /// The machine a benchmark ran on (its numbers mean nothing without it).
 pub fn machine_info() -> Value {

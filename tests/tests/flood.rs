@@ -280,30 +280,7 @@ fn check_session(names: &[&str], views: &[Vec<SessionView>]) -> Result<()> {
             );
             ensure!(p.relay.inputs == 0, "the origin relayed inputs: {p:?}");
         }
-        let d = &rest.drops;
-        ensure!(
-            d.impostor_mesh == 0 && d.malformed_mesh == 0 && d.malformed_udp == 0,
-            "{name}: {d:?}"
-        );
-        ensure!(
-            random.predictions.mesh_hits >= 5,
-            "{name}: only {} predictions used a mesh input and matched ({:?})",
-            random.predictions.mesh_hits,
-            random.predictions
-        );
-        for (phase, view) in [("hold", hold), ("rest", rest)] {
-            let last: Vec<_> = view.predictions.recent.iter().rev().take(20).collect();
-            ensure!(last.len() == 20, "{name}: {} comparisons", last.len());
-            for c in last {
-                ensure!(
-                    c.predicted == c.authoritative,
-                    "{name} ({phase}): tick {} predicted {:x}, the origin had {:x}",
-                    c.tick,
-                    c.predicted,
-                    c.authoritative
-                );
-            }
-        }
+        session::check_merged_views(name, random, hold, rest)?;
         for p in &rest.players {
             let same = views[0][2]
                 .players

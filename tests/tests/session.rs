@@ -119,34 +119,7 @@ fn check(names: &[String], views: &[[SessionView; 3]], world: Option<&Value>) ->
             ensure!(p.relay.inputs == 0, "the origin relayed inputs: {p:?}");
             ensure!(p.mesh.p50_ms.is_some() && p.echo.inputs > 0, "{p:?}");
         }
-        let d = &rest.drops;
-        ensure!(
-            d.impostor_mesh == 0 && d.malformed_mesh == 0 && d.malformed_udp == 0,
-            "{name}: {d:?}"
-        );
-
-        // While inputs changed, predictions that depended on peer inputs
-        // from the mesh matched the origin's states.
-        ensure!(
-            random.predictions.mesh_hits >= 5,
-            "{name}: only {} predictions used a mesh input and matched ({:?})",
-            random.predictions.mesh_hits,
-            random.predictions
-        );
-        // Holding steady, the merged state tracks the origin tick for tick.
-        for (phase, view) in [("hold", hold), ("rest", rest)] {
-            let last: Vec<_> = view.predictions.recent.iter().rev().take(20).collect();
-            ensure!(last.len() == 20, "{name}: {} comparisons", last.len());
-            for c in last {
-                ensure!(
-                    c.predicted == c.authoritative,
-                    "{name} ({phase}): tick {} predicted {:x}, the origin had {:x}",
-                    c.tick,
-                    c.predicted,
-                    c.authoritative
-                );
-            }
-        }
+        support::check_merged_views(name, random, hold, rest)?;
         // At rest, every merged state is the same: the origin's.
         ensure!(rest.players.len() == names.len(), "{:?}", rest.players);
         for p in &rest.players {

@@ -247,3 +247,41 @@ pub fn wait_path(
         (p != "connecting").then_some(p)
     })
 }
+
+/// What every player's merged session view must show, by phase (inputs
+/// changing, then held, then at rest): nothing dropped as forged or
+/// malformed; while inputs changed, predictions that used a peer's input
+/// from the mesh matched the origin's states; held steady and at rest, the
+/// merged state tracks the origin tick for tick.
+pub fn check_merged_views(
+    name: &str,
+    random: &SessionView,
+    hold: &SessionView,
+    rest: &SessionView,
+) -> Result<()> {
+    let d = &rest.drops;
+    ensure!(
+        d.impostor_mesh == 0 && d.malformed_mesh == 0 && d.malformed_udp == 0,
+        "{name}: {d:?}"
+    );
+    ensure!(
+        random.predictions.mesh_hits >= 5,
+        "{name}: only {} predictions used a mesh input and matched ({:?})",
+        random.predictions.mesh_hits,
+        random.predictions
+    );
+    for (phase, view) in [("hold", hold), ("rest", rest)] {
+        let last: Vec<_> = view.predictions.recent.iter().rev().take(20).collect();
+        ensure!(last.len() == 20, "{name}: {} comparisons", last.len());
+        for c in last {
+            ensure!(
+                c.predicted == c.authoritative,
+                "{name} ({phase}): tick {} predicted {:x}, the origin had {:x}",
+                c.tick,
+                c.predicted,
+                c.authoritative
+            );
+        }
+    }
+    Ok(())
+}

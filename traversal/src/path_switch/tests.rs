@@ -597,23 +597,16 @@ fn probe_reports_path_rtt() {
 #[test]
 fn a_silent_path_is_probed_then_declared_dead_and_traffic_moves_to_the_relay() {
     let t0 = Instant::now();
-    let cfg = Config {
-        liveness: Some(Liveness {
+    let (mut a, mut b) = two_paths_up(
+        t0,
+        Liveness {
             probe_after: ms(250),
             // Probed as often as a link in use.
             idle_probe_after: ms(250),
             in_use_for: ms(5000),
             dead_after: ms(1200),
-        }),
-        ..Config::default()
-    };
-    let mut a = PathSwitch::new(cfg.clone());
-    let mut b = PathSwitch::new(cfg);
-    for ep in [&mut a, &mut b] {
-        ep.path_up(RELAY, PathKind::Relay, true, t0);
-        ep.path_up(DIRECT, PathKind::Direct, true, t0);
-        while ep.poll_event().is_some() {}
-    }
+        },
+    );
     assert_eq!(a.active_path(), Some(DIRECT));
     // Each new path is measured at once: a PING on each. Only the relay
     // answers (the direct path was cut), and the direct path owes an
@@ -725,9 +718,11 @@ fn run_pair(
     (relay_pings, direct_pings)
 }
 
-fn two_paths_up(t0: Instant) -> (PathSwitch, PathSwitch) {
+/// Two ends with `liveness`, each with a relay and a direct path up at `t0`
+/// (their first events taken).
+fn two_paths_up(t0: Instant, liveness: Liveness) -> (PathSwitch, PathSwitch) {
     let cfg = Config {
-        liveness: Some(Liveness::default()),
+        liveness: Some(liveness),
         ..Config::default()
     };
     let mut a = PathSwitch::new(cfg.clone());
@@ -743,7 +738,7 @@ fn two_paths_up(t0: Instant) -> (PathSwitch, PathSwitch) {
 #[test]
 fn an_idle_link_is_probed_rarely_and_a_quiet_path_is_not_dead() {
     let t0 = Instant::now();
-    let (mut a, mut b) = two_paths_up(t0);
+    let (mut a, mut b) = two_paths_up(t0, Liveness::default());
     let idle = Liveness::default().idle_probe_after;
     // A minute with nothing to say: each path is probed about once per
     // idle interval (by one side or the other), and stays up.
@@ -759,7 +754,7 @@ fn an_idle_link_is_probed_rarely_and_a_quiet_path_is_not_dead() {
 #[test]
 fn an_idle_path_that_died_is_found_as_soon_as_the_link_is_used() {
     let t0 = Instant::now();
-    let (mut a, mut b) = two_paths_up(t0);
+    let (mut a, mut b) = two_paths_up(t0, Liveness::default());
     let l = Liveness::default();
     // Idle for 30 s, then the direct path is cut, quietly, between probes.
     let cut = t0 + Duration::from_secs(30) + ms(100);
@@ -782,7 +777,7 @@ fn an_idle_path_that_died_is_found_as_soon_as_the_link_is_used() {
 #[test]
 fn a_link_in_use_probes_fast_then_slows_down_when_idle() {
     let t0 = Instant::now();
-    let (mut a, mut b) = two_paths_up(t0);
+    let (mut a, mut b) = two_paths_up(t0, Liveness::default());
     let l = Liveness::default();
     // A message now: for `in_use_for` the relay (not carrying it) is probed
     // every `probe_after`...
