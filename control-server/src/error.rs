@@ -27,6 +27,14 @@ pub enum ControlError {
     Storage(#[from] sled::Error),
     #[error("stored record is corrupt: {0}")]
     Corrupt(#[from] prost::DecodeError),
+    /// A stored record that does not decode, named so an operator can find
+    /// (and remove) it.
+    #[error("stored record {tree}/{key:?} is corrupt: {error}")]
+    CorruptRecord {
+        tree: String,
+        key: String,
+        error: prost::DecodeError,
+    },
 }
 
 impl ControlError {
@@ -53,7 +61,9 @@ impl From<ControlError> for Status {
             ControlError::Unavailable(_) => Code::Unavailable,
             ControlError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ControlError::ResourceExhausted(_) => Code::ResourceExhausted,
-            ControlError::Storage(_) | ControlError::Corrupt(_) => {
+            ControlError::Storage(_)
+            | ControlError::Corrupt(_)
+            | ControlError::CorruptRecord { .. } => {
                 tracing::error!(error = %err, "internal error");
                 Code::Internal
             }

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use crate::error::{ControlError, Result};
 use crate::hub::{Hub, MemberEvent};
 use crate::sessions::{relay_of_subject, relay_subject, Sessions};
-use crate::store::Store;
+use crate::store::{Store, Txn};
 use crate::tokens::{self, check_signed_token_request, token_info};
 use crate::{secrets, validate};
 
@@ -263,6 +263,7 @@ impl RelayDirectory {
         let token_id = secrets::token_id(&req.token);
         let relay_id = peer_id.to_string();
         let now = self.now();
+        let session;
         {
             let mut dir = self.lock();
             let mut token = tokens::load(&self.store, &token_id, "relay")?;
@@ -279,8 +280,9 @@ impl RelayDirectory {
             // Registering again with the same token (a restart, a retry whose
             // answer was lost) does not use the token up.
             let repeat = existing.as_ref().is_some_and(|r| r.token_id == token_id);
+            let mut txn = Txn::new();
             if !repeat {
-                tokens::take_use(&self.store, &mut token, "relay")?;
+                tokens::take_use(&mut txn, &mut token, "relay")?;
             }
             let mut rec = existing.unwrap_or_else(|| RelayRecord {
                 relay_id: relay_id.clone(),
@@ -292,7 +294,9 @@ impl RelayDirectory {
             rec.region = req.region.clone();
             rec.token_id = token_id;
             rec.last_auth_ms = req.timestamp_ms;
-            self.store.put_relay(&rec)?;
+            txn.put_relay(&rec);
+            session = self.sessions.create(&mut txn, &relay_subject(&relay_id))?;
+            self.store.commit(txn)?;
             // An online relay's new addresses reach the maps at once.
             if let Some(o) = dir.online.get_mut(&relay_id) {
                 o.addresses = rec.addresses.clone();
@@ -300,7 +304,6 @@ impl RelayDirectory {
                 self.publish_relay_list(&dir);
             }
         }
-        let session = self.sessions.create(&relay_subject(&relay_id))?;
         self.store.flush().await?;
         tracing::info!(relay = %relay_id, addresses = ?req.addresses, region = %req.region, "relay registered");
         Ok(api::RegisterRelayResponse {
@@ -441,7 +444,7 @@ impl RelayDirectory {
             if rec.bytes_relayed != load.bytes_relayed {
                 // Informational: not flushed.
                 rec.bytes_relayed = load.bytes_relayed;
-                self.store.put_relay(&rec)?;
+                self.store.write(|t| t.put_relay(&rec))?;
             }
             dir.load
                 .insert(ctx.relay_id.clone(), (load.reservations, load.circuits));
@@ -536,19 +539,26 @@ impl RelayDirectory {
             // Re-read under the lock: registrations count uses under it.
             let mut rec = self.store.token(&rec.token_id)?.unwrap_or(rec);
             rec.revoked = true;
-            self.store.put_token(&rec)?;
+            let mut txn = Txn::new();
+            txn.put_token(&rec);
+            let mut gone = Vec::new();
             if !keep_relays {
                 for r in self.store.relays()? {
-                    if r.token_id != rec.token_id {
-                        continue;
+                    if r.token_id == rec.token_id {
+                        txn.delete_relay(&r.relay_id);
+                        self.store
+                            .end_session(&mut txn, &relay_subject(&r.relay_id))?;
+                        gone.push(r.relay_id);
                     }
-                    self.store.delete_relay(&r.relay_id)?;
-                    self.store
-                        .purge_sessions(Some(&relay_subject(&r.relay_id)), self.now())?;
-                    dir.online.remove(&r.relay_id);
-                    dir.load.remove(&r.relay_id);
-                    self.hub.relay_dropped(&r.relay_id);
-                    dropped.push(r.relay_id);
+                }
+            }
+            self.store.commit(txn)?;
+            if !keep_relays {
+                for relay_id in gone {
+                    dir.online.remove(&relay_id);
+                    dir.load.remove(&relay_id);
+                    self.hub.relay_dropped(&relay_id);
+                    dropped.push(relay_id);
                 }
                 self.publish_relay_list(&dir);
             }

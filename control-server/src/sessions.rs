@@ -16,7 +16,7 @@ use peermesh_proto::store::v1::SessionRecord;
 
 use crate::error::{ControlError, Result};
 use crate::limits::Limits;
-use crate::store::Store;
+use crate::store::{Store, Txn};
 use crate::{secrets, validate};
 
 /// Milliseconds since the Unix epoch; injectable so expiry can be tested
@@ -81,7 +81,7 @@ impl Sessions {
             Some(id) => id,
             None => {
                 let id = secrets::generate("srv_");
-                store.meta_put("server_id", &id)?;
+                store.write(|t| t.meta_put("server_id", &id))?;
                 id
             }
         };
@@ -120,11 +120,13 @@ impl Sessions {
         Ok(())
     }
 
-    /// A new session for `subject`: a node id, or [`relay_subject`].
-    pub fn create(&self, subject: &str) -> Result<api::Session> {
+    /// A new session for `subject` (a node id, or [`relay_subject`]),
+    /// written in `txn` and replacing the subject's previous one.
+    pub fn create(&self, txn: &mut Txn, subject: &str) -> Result<api::Session> {
         let credential = secrets::generate(secrets::SESSION_PREFIX);
         let expires_ms = self.now() + self.session_ttl_ms;
         self.store.put_session(
+            txn,
             &secrets::digest(&credential),
             &SessionRecord {
                 node_id: subject.to_string(),
@@ -155,7 +157,7 @@ impl Sessions {
 
     /// Drops every expired session; returns how many.
     pub fn purge_expired(&self) -> Result<usize> {
-        self.store.purge_sessions(None, self.now())
+        self.store.purge_expired_sessions(self.now())
     }
 }
 

@@ -458,13 +458,12 @@ impl KeyStore {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         all.push(rotation);
-        self.store.meta_put_bytes(
-            ROTATIONS_META,
-            &KeyRotations {
-                rotations: all.clone(),
-            }
-            .encode_to_vec(),
-        )?;
+        let rotations = KeyRotations {
+            rotations: all.clone(),
+        }
+        .encode_to_vec();
+        self.store
+            .write(|t| t.meta_put_bytes(ROTATIONS_META, &rotations))?;
         self.store.flush().await?;
         Self::install_next(&self.dir)?;
         *self.rotations.write().unwrap_or_else(|p| p.into_inner()) = all;

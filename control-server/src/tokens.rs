@@ -12,7 +12,7 @@ use peermesh_proto::store::v1::TokenRecord;
 
 use crate::error::{ControlError, Result};
 use crate::sessions::decode_key;
-use crate::store::Store;
+use crate::store::{Store, Txn};
 use crate::{secrets, validate};
 
 /// A token as the admin API shows it.
@@ -89,12 +89,13 @@ pub fn check_live(token: &TokenRecord, kind: &str, now: u64) -> Result<()> {
     Ok(())
 }
 
-/// Takes one use of `token` and stores it, or refuses a used-up token. The
-/// caller holds the lock under which its kind of token is counted.
-pub fn take_use(store: &Store, token: &mut TokenRecord, kind: &str) -> Result<()> {
+/// Takes one use of `token` (written in `txn`), or refuses a used-up token.
+/// The caller holds the lock under which its kind of token is counted.
+pub fn take_use(txn: &mut Txn, token: &mut TokenRecord, kind: &str) -> Result<()> {
     check_uses(token, kind)?;
     token.uses += 1;
-    store.put_token(token)
+    txn.put_token(token);
+    Ok(())
 }
 
 /// Refuses a used-up token.

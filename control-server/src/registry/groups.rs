@@ -6,6 +6,7 @@ use peermesh_proto::store::v1::{GroupRecord, TokenRecord};
 use super::Registry;
 use crate::error::{ControlError, Result};
 use crate::hub::RemovalReason;
+use crate::store::Txn;
 use crate::tokens::{self, token_info};
 use crate::{secrets, validate};
 
@@ -18,9 +19,11 @@ impl Registry {
         validate::dns_label("group name", name)?;
         let created_ms = self.now();
         self.hub.add_group(name, || {
-            self.store.put_group(&GroupRecord {
-                name: name.to_string(),
-                created_ms,
+            self.store.write(|t| {
+                t.put_group(&GroupRecord {
+                    name: name.to_string(),
+                    created_ms,
+                })
             })
         })?;
         self.store.flush().await?;
@@ -116,7 +119,7 @@ impl Registry {
             revoked: false,
             relay,
         };
-        self.store.put_token(&rec)?;
+        self.store.write(|t| t.put_token(&rec))?;
         self.store.flush().await?;
         tracing::info!(group, token_id = %rec.token_id, ttl_ms, max_uses, relay, "join token created");
         Ok((token, token_info(&rec)))
@@ -159,9 +162,10 @@ impl Registry {
         let group = self.group(&rec.group)?;
         let mut revoked_nodes = Vec::new();
         {
-            let mut g = group.lock();
+            let _g = group.lock();
             rec.revoked = true;
-            self.store.put_token(&rec)?;
+            let mut txn = Txn::new();
+            txn.put_token(&rec);
             if !keep_nodes {
                 for mut n in self.store.nodes()? {
                     if n.token_id == token_id
@@ -169,16 +173,19 @@ impl Registry {
                         && n.state == NodeState::Active as i32
                     {
                         n.state = NodeState::Revoked as i32;
-                        self.store.put_node(&n)?;
-                        self.store.purge_sessions(Some(&n.node_id), self.now())?;
-                        self.store.delete_links_of(&n.node_id)?;
-                        g.remove(&n.node_id, RemovalReason::Revoked);
+                        txn.put_node(&n);
+                        self.store.end_session(&mut txn, &n.node_id)?;
+                        self.store.delete_links_of(&mut txn, &n.node_id)?;
                         revoked_nodes.push(n.node_id);
                     }
                 }
             }
+            self.store.commit(txn)?;
         }
         self.store.flush().await?;
+        for node_id in &revoked_nodes {
+            self.publish_member(&group, node_id, Some(RemovalReason::Revoked))?;
+        }
         tracing::info!(%token_id, nodes = revoked_nodes.len(), "join token revoked");
         Ok((token_info(&rec), revoked_nodes))
     }

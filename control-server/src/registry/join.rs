@@ -7,10 +7,11 @@ use peermesh_proto::api::{self, NodeState};
 use peermesh_proto::signing;
 use peermesh_proto::store::v1::NodeRecord;
 
-use super::{peer_of, NodeCtx, Registry};
+use super::{NodeCtx, Registry};
 use crate::error::{ControlError, Result};
 use crate::hub::RemovalReason;
 use crate::sessions::{decode_key, is_relay_subject};
+use crate::store::Txn;
 use crate::tokens::{self, check_signed_token_request};
 use crate::{secrets, validate};
 
@@ -44,8 +45,8 @@ impl Registry {
         let node_id = peer_id.to_string();
         let now = self.now();
 
-        let rec = {
-            let mut g = group.lock();
+        let (rec, session) = {
+            let _g = group.lock();
             // Re-read under the group lock: concurrent joins share the count.
             let mut token = tokens::load(&self.store, &token_id, "join")?;
             tokens::check_live(&token, "join", now)?;
@@ -89,9 +90,10 @@ impl Registry {
                     )));
                 }
             }
+            let mut txn = Txn::new();
             if !repeat {
-                tokens::take_use(&self.store, &mut token, "join")?;
-                self.store.put_token_use(&token_id, &node_id, now)?;
+                tokens::take_use(&mut txn, &mut token, "join")?;
+                txn.put_token_use(&token_id, &node_id, now);
             }
             let keep_name = existing
                 .as_ref()
@@ -103,34 +105,43 @@ impl Registry {
                 joined_ms: now,
                 ..Default::default()
             });
-            {
-                let mut names = self.names();
-                let names = names.entry(token.group.clone()).or_default();
-                let name = if keep_name {
-                    rec.name.clone()
-                } else {
-                    unique_name(names, requested, &node_id)
-                };
-                if rec.name != name {
-                    names.remove(&rec.name);
-                    names.insert(name.clone(), node_id.clone());
-                    rec.name = name;
-                }
+            let old_name = rec.name.clone();
+            if !keep_name {
+                let names = self.names();
+                let empty = HashMap::new();
+                let names = names.get(&token.group).unwrap_or(&empty);
+                rec.name = unique_name(names, requested, &node_id);
             }
             rec.state = NodeState::Active as i32;
             rec.token_id = token_id.clone();
             // A new token is an administrator's new decision.
-            self.store.clear_tombstone(&node_id)?;
+            txn.clear_tombstone(&node_id);
             rec.last_auth_ms = req.timestamp_ms;
             rec.last_seen_ms = now;
-            self.assign_mesh_addrs(&mut rec);
-            self.store.put_node(&rec)?;
-            let online = g.is_online(&node_id);
-            g.upsert(peer_of(&rec, online));
-            rec
+            let old_addr = rec.mesh_ipv4.clone();
+            let new_addr = self.assign_mesh_addrs(&mut rec);
+            txn.put_node(&rec);
+            let session = self.sessions.create(&mut txn, &node_id)?;
+            if let Err(e) = self.store.commit(txn) {
+                if new_addr && rec.mesh_ipv4 != old_addr {
+                    self.release_mesh_addr(&node_id, &rec.mesh_ipv4);
+                }
+                return Err(e);
+            }
+            if rec.name != old_name {
+                let mut names = self.names();
+                let names = names.entry(token.group.clone()).or_default();
+                if names.get(&old_name) == Some(&node_id) {
+                    names.remove(&old_name);
+                }
+                names.insert(rec.name.clone(), node_id.clone());
+            }
+            (rec, session)
         };
-        let session = self.sessions.create(&node_id)?;
+        // Durable before anyone hears of it: a watcher never sees a node
+        // that a crash could take back.
         self.store.flush().await?;
+        self.publish_member(&group, &node_id, None)?;
         tracing::info!(node = %node_id, name = %rec.name, group = %rec.group, "node joined");
         Ok(api::JoinResponse {
             node_id,
@@ -168,7 +179,7 @@ impl Registry {
             || ControlError::unauthenticated("this node key is not registered; join with a token");
         let group = self.store.node(&node_id)?.ok_or_else(unknown)?.group;
         let group = self.group(&group)?;
-        let rec = {
+        let (rec, session) = {
             let _g = group.lock();
             let mut rec = self.store.node(&node_id)?.ok_or_else(unknown)?;
             if rec.state == NodeState::Revoked as i32 {
@@ -183,10 +194,12 @@ impl Registry {
             }
             rec.last_auth_ms = req.timestamp_ms;
             rec.last_seen_ms = self.now();
-            self.store.put_node(&rec)?;
-            rec
+            let mut txn = Txn::new();
+            txn.put_node(&rec);
+            let session = self.sessions.create(&mut txn, &node_id)?;
+            self.store.commit(txn)?;
+            (rec, session)
         };
-        let session = self.sessions.create(&node_id)?;
         self.store.flush().await?;
         Ok(api::AuthenticateResponse {
             node_id,

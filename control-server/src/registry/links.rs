@@ -8,6 +8,7 @@ use peermesh_proto::store::v1::{LinkRecord, NodeRecord};
 
 use super::{NodeCtx, Registry};
 use crate::error::{ControlError, Result};
+use crate::store::Txn;
 use crate::validate;
 
 /// Longest round-trip time a link report may carry: an hour. No path the
@@ -70,7 +71,9 @@ impl Registry {
                 )
             })
             .collect();
-        self.store.replace_links(&ctx.node_id, &kept)?;
+        let mut txn = Txn::new();
+        self.store.replace_links(&mut txn, &ctx.node_id, &kept)?;
+        self.store.commit(txn)?;
         Ok(kept.len())
     }
 

@@ -87,7 +87,7 @@ impl Registry {
         }
         for mut n in registry.store.nodes()? {
             if registry.assign_mesh_addrs(&mut n) {
-                registry.store.put_node(&n)?;
+                registry.store.write(|t| t.put_node(&n))?;
             }
             let Ok(group) = registry.hub.group(&n.group) else {
                 tracing::warn!(node = %n.node_id, group = %n.group, "node of an unknown group; ignored");
@@ -127,6 +127,45 @@ impl Registry {
     /// The name index; a leaf lock, taken under a group's.
     fn names(&self) -> MutexGuard<'_, Names> {
         self.names.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Frees a mesh address claimed for a change that did not commit.
+    fn release_mesh_addr(&self, node_id: &str, v4: &str) {
+        self.mesh_addrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release(node_id, v4);
+    }
+
+    /// Makes the group's map agree with the store about `node_id`, once its
+    /// change is durable: an active node is published as the store has it
+    /// (if the map differs); a node that is no longer active leaves the map
+    /// with `gone`, or, without a reason, is left to the change that took
+    /// it out (which publishes its own removal). Reading the store under
+    /// the group's lock, rather than publishing what the caller wrote, keeps
+    /// the map right when two changes of one node race between their
+    /// commit and their publication.
+    fn publish_member(
+        &self,
+        group: &GroupHub,
+        node_id: &str,
+        gone: Option<crate::hub::RemovalReason>,
+    ) -> Result<()> {
+        let mut g = group.lock();
+        match self.store.node(node_id)? {
+            Some(rec) if rec.state == NodeState::Active as i32 => {
+                let peer = peer_of(&rec, g.is_online(node_id));
+                if g.member(node_id) != Some(&peer) {
+                    g.upsert(peer);
+                }
+            }
+            _ => {
+                if let Some(reason) = gone.filter(|_| g.is_member(node_id)) {
+                    g.remove(node_id, reason);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Gives `n` its mesh addresses (keeping the ones it holds); true when

@@ -8,9 +8,10 @@ use peermesh_proto::api::{self, NetworkMapUpdate, NodeInfo, NodeState, Peer};
 use peermesh_proto::store::v1::NodeRecord;
 use tokio::sync::broadcast;
 
-use super::{peer_of, NodeCtx, Registry};
+use super::{NodeCtx, Registry};
 use crate::error::{ControlError, Result};
 use crate::hub::{GroupEvent, RemovalReason};
+use crate::store::Txn;
 use crate::validate;
 
 /// What a watcher starts from.
@@ -87,7 +88,7 @@ impl Registry {
         // Best effort: last-seen is informational.
         if let Ok(Some(mut rec)) = self.store.node(node_id) {
             rec.last_seen_ms = now;
-            if let Err(e) = self.store.put_node(&rec) {
+            if let Err(e) = self.store.write(|t| t.put_node(&rec)) {
                 tracing::warn!(node = node_id, error = %e, "could not store last-seen time");
             }
         }
@@ -100,18 +101,16 @@ impl Registry {
         addrs.dedup();
         let group = self.group(&ctx.group)?;
         {
-            let mut g = group.lock();
+            let _g = group.lock();
             let mut rec = self.active_node(&ctx.node_id)?;
             if rec.addresses == addrs {
                 return Ok(());
             }
             rec.addresses = addrs;
-            self.store.put_node(&rec)?;
-            let online = g.is_online(&ctx.node_id);
-            g.upsert(peer_of(&rec, online));
+            self.store.write(|t| t.put_node(&rec))?;
         }
         self.store.flush().await?;
-        Ok(())
+        self.publish_member(&group, &ctx.node_id, None)
     }
 
     /// Keeps the caller's NAT behaviour (seed 003) in its record, where
@@ -152,7 +151,7 @@ impl Registry {
             let mut rec = self.active_node(&ctx.node_id)?;
             tracing::info!(node = %ctx.node_id, mapping = %report.mapping, stride = report.port_stride, filtering = %report.filtering, udp = report.udp, "NAT behaviour reported");
             rec.nat = Some(report);
-            self.store.put_node(&rec)?;
+            self.store.write(|t| t.put_node(&rec))?;
         }
         self.store.flush().await?;
         Ok(())
@@ -235,21 +234,20 @@ impl Registry {
             .ok_or_else(|| ControlError::not_found(format!("no node {node_id}")))?;
         let group = self.group(&rec.group)?;
         {
-            let mut g = group.lock();
-            self.store.delete_node(node_id)?;
-            self.store.put_tombstone(node_id, reason.describe())?;
-            self.store.purge_sessions(Some(node_id), self.now())?;
-            self.store.delete_links_of(node_id)?;
+            let _g = group.lock();
+            let mut txn = Txn::new();
+            txn.delete_node(node_id);
+            txn.put_tombstone(node_id, reason.describe());
+            self.store.end_session(&mut txn, node_id)?;
+            self.store.delete_links_of(&mut txn, node_id)?;
+            self.store.commit(txn)?;
             if let Some(names) = self.names().get_mut(&rec.group) {
                 names.remove(&rec.name);
             }
-            self.mesh_addrs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .release(node_id, &rec.mesh_ipv4);
-            g.remove(node_id, reason);
+            self.release_mesh_addr(node_id, &rec.mesh_ipv4);
         }
         self.store.flush().await?;
+        self.publish_member(&group, node_id, Some(reason))?;
         tracing::info!(node = node_id, name = %rec.name, group = %rec.group, ?reason, "node deleted");
         Ok(())
     }
