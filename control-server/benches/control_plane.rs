@@ -18,7 +18,11 @@
 //!    (`/ip4/10.0.0.1/udp/PORT/quic-v1`, only data: nothing dials it); for every
 //!    other watcher, the time from just before the RPC is sent until that
 //!    watcher receives the matching PeerUpsert is one sample;
-//! 4. the server's VmRSS and VmHWM with all watchers connected.
+//! 4. the server's VmRSS and VmHWM with all watchers connected;
+//! 5. a reconnect storm: the server is killed and started again on the same
+//!    address and data; every node reconnects and watches at once; the time
+//!    until all hold the group's final version, the updates each watcher got
+//!    and the new server's peak RSS.
 //!
 //! Results: a table on stdout, JSON at `--json` (relative paths are taken from
 //! the workspace root). All traffic goes to 127.0.0.1; every wait has a
@@ -285,17 +289,7 @@ impl ServerProcess {
             .tempdir()?;
         let data = dir.path().join("data");
         let log = dir.path().join("server.log");
-        let mut child = Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(&data)
-            // Thousands of simulated nodes from one address, in one group.
-            .args(["--no-rate-limits", "--max-group-nodes", "1000000"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child.stdout.take().expect("stdout is piped");
+        let child = Self::spawn(bin, "127.0.0.1:0", &data, &log)?;
         let mut server = Self {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -303,6 +297,39 @@ impl ServerProcess {
             log,
             _dir: dir,
         };
+        server.wait_listening(limit)?;
+        Ok(server)
+    }
+
+    fn spawn(bin: &Path, listen: &str, data: &Path, log: &Path) -> Result<Child> {
+        Command::new(bin)
+            .args(["serve", "--listen", listen, "--data"])
+            .arg(data)
+            // Thousands of simulated nodes from one address, in one group.
+            .args(["--no-rate-limits", "--max-group-nodes", "1000000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)?,
+            )
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))
+    }
+
+    /// SIGKILL, then the server again on the same address and data: what
+    /// its nodes see when it crashes and comes back.
+    fn restart(&mut self, bin: &Path, limit: Duration) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(bin, &self.addr.to_string(), &self.data, &self.log)?;
+        self.wait_listening(limit)
+    }
+
+    fn wait_listening(&mut self, limit: Duration) -> Result<()> {
+        let stdout = self.child.stdout.take().expect("stdout is piped");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             // Hand over the first line, then keep draining until the server exits.
@@ -318,17 +345,17 @@ impl ServerProcess {
                 anyhow!(
                     "control-server did not report listening within {} s; its log:\n{}",
                     limit.as_secs(),
-                    server.log_tail()
+                    self.log_tail()
                 )
             })?;
             if let Some(addr) = line.strip_prefix("control-server listening on ") {
-                server.addr = addr.trim().parse().context("parsing the listen address")?;
+                self.addr = addr.trim().parse().context("parsing the listen address")?;
                 ensure!(
-                    server.addr.ip().is_loopback(),
+                    self.addr.ip().is_loopback(),
                     "server listens on {}",
-                    server.addr
+                    self.addr
                 );
-                return Ok(server);
+                return Ok(());
             }
         }
     }
@@ -560,6 +587,7 @@ async fn watch(
         };
         match &update.kind {
             Some(Kind::PeerUpsert(peer)) => report(peer),
+            Some(Kind::Peers(batch)) => batch.peers.iter().for_each(&mut report),
             Some(Kind::Full(map)) => {
                 // A fresh map replaces what the watcher knew, so it delivers
                 // the change too; it is also a sign of lag, so count it.
@@ -582,6 +610,99 @@ struct RunResult {
     max: f64,
     rss_mib: f64,
     peak_mib: f64,
+    storm_s: f64,
+    storm_peak_mib: f64,
+}
+
+/// What a reconnect storm cost.
+struct Storm {
+    /// From the restart until every watcher holds the group's final version.
+    settled: Duration,
+    /// Updates received by all watchers after their first map.
+    updates: u64,
+    resyncs: usize,
+}
+
+/// Every node opens a new connection and watch at once; waits until all
+/// hold the same version and it stays put (the last presence changes are
+/// out).
+async fn reconnect_storm(server: &ServerProcess, nodes: &[Node], limit: Duration) -> Result<Storm> {
+    let n = nodes.len();
+    let url = server.url();
+    let started = Instant::now();
+    let stats = Arc::new(WatchStats {
+        version: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        resyncs: AtomicUsize::new(0),
+        updates: AtomicU64::new(0),
+    });
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let gate = Arc::new(Semaphore::new(n.max(1)));
+    let mut watchers = JoinSet::new();
+    for (idx, node) in nodes.iter().enumerate() {
+        let (url, stats, events_tx, gate) =
+            (url.clone(), stats.clone(), events_tx.clone(), gate.clone());
+        let (id, credential) = (node.id.clone(), node.credential.clone());
+        watchers.spawn(async move {
+            let client = match connect(&url).await {
+                Ok(ch) => NodeControlClient::new(ch),
+                Err(e) => {
+                    let _ = events_tx.send(Event::Failed {
+                        watcher: idx,
+                        error: format!("reconnecting: {e:#}"),
+                    });
+                    return;
+                }
+            };
+            let node = Node {
+                id,
+                credential,
+                client,
+            };
+            watch(idx, node, n - 1, gate, stats, events_tx).await
+        });
+    }
+    drop(events_tx);
+    let settled = within(limit, "the reconnect storm", async {
+        let mut ready = 0;
+        let mut stable_since: Option<(u64, Instant)> = None;
+        loop {
+            while let Ok(ev) = events.try_recv() {
+                match ev {
+                    Event::Ready { .. } => ready += 1,
+                    Event::Failed { watcher, error } => bail!("watcher {watcher}: {error}"),
+                    Event::Seen { .. } => {}
+                }
+            }
+            let versions: Vec<u64> = stats
+                .version
+                .iter()
+                .map(|v| v.load(Ordering::Acquire))
+                .collect();
+            let top = versions.iter().copied().max().unwrap_or(0);
+            if ready == n && versions.iter().all(|v| *v == top) {
+                match stable_since {
+                    Some((v, at)) if v == top => {
+                        // Twice the presence interval without a change: done.
+                        if at.elapsed() > Duration::from_millis(300) {
+                            return Ok(at.duration_since(started));
+                        }
+                    }
+                    _ => stable_since = Some((top, Instant::now())),
+                }
+            } else {
+                stable_since = None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await?;
+    let storm = Storm {
+        settled,
+        updates: stats.updates.load(Ordering::Relaxed),
+        resyncs: stats.resyncs.load(Ordering::Relaxed),
+    };
+    watchers.shutdown().await;
+    Ok(storm)
 }
 
 async fn run(bin: &Path, n: usize, changes: usize, limit: Duration) -> Result<RunResult> {
@@ -797,6 +918,22 @@ async fn run(bin: &Path, n: usize, changes: usize, limit: Duration) -> Result<Ru
     );
 
     watchers.shutdown().await;
+    drop(events);
+
+    // Phase 4: the server crashes and comes back; every node reconnects and
+    // watches again at once (sessions are durable, so no re-authentication).
+    server.restart(bin, limit)?;
+    let storm = reconnect_storm(&server, &nodes, limit).await?;
+    server.check_alive()?;
+    let (_, storm_peak) = server_memory(server.pid())?;
+    eprintln!(
+        "[{n} nodes] reconnect storm: all {n} watching and caught up after {:.2} s; \
+         {:.1} updates per watcher, {} resyncs; server peak RSS {:.1} MiB",
+        storm.settled.as_secs_f64(),
+        storm.updates as f64 / n as f64,
+        storm.resyncs,
+        mib(storm_peak)
+    );
     drop(nodes);
     drop(server);
 
@@ -835,6 +972,12 @@ async fn run(bin: &Path, n: usize, changes: usize, limit: Duration) -> Result<Ru
         "server_rss_idle_mib": round2(mib(rss_idle)),
         "server_rss_after_joins_mib": round2(mib(rss_joined)),
         "server_rss_all_watching_mib": round2(mib(rss_watching)),
+        "reconnect_storm": {
+            "all_caught_up_s": round2(storm.settled.as_secs_f64()),
+            "updates_per_watcher": round2(storm.updates as f64 / n as f64),
+            "resyncs": storm.resyncs,
+            "server_peak_rss_mib": round2(mib(storm_peak)),
+        },
     });
     Ok(RunResult {
         json,
@@ -844,6 +987,8 @@ async fn run(bin: &Path, n: usize, changes: usize, limit: Duration) -> Result<Ru
         max,
         rss_mib: mib(rss),
         peak_mib: mib(peak),
+        storm_s: storm.settled.as_secs_f64(),
+        storm_peak_mib: mib(storm_peak),
     })
 }
 
@@ -883,8 +1028,10 @@ fn print_table(results: &[RunResult]) {
         "max ms",
         "server RSS MiB",
         "peak RSS MiB",
+        "reconnect storm s",
+        "storm peak RSS MiB",
     ];
-    let rows: Vec<[String; 7]> = results
+    let rows: Vec<[String; 9]> = results
         .iter()
         .map(|r| {
             [
@@ -895,6 +1042,8 @@ fn print_table(results: &[RunResult]) {
                 format!("{:.2}", r.max),
                 format!("{:.1}", r.rss_mib),
                 format!("{:.1}", r.peak_mib),
+                format!("{:.2}", r.storm_s),
+                format!("{:.1}", r.storm_peak_mib),
             ]
         })
         .collect();

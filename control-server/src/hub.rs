@@ -36,8 +36,8 @@
 //!
 //! Broadcast sends never block, so publishing under these locks is safe.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use peermesh_proto::api::{self, NetworkMap, NetworkMapUpdate, Peer, Relay, SignedMapUpdate};
 use rand::RngCore;
@@ -80,6 +80,13 @@ pub enum GroupEvent {
         reason: RemovalReason,
         signed: SignedOnce,
     },
+    /// Several members' presence changed (coalesced, see
+    /// [`PRESENCE_COALESCE`]): each peer as it is now.
+    Presence {
+        version: u64,
+        peers: Arc<Vec<Peer>>,
+        signed: SignedOnce,
+    },
     /// The list of online relays was replaced.
     Relays {
         version: u64,
@@ -93,6 +100,7 @@ impl GroupEvent {
         match self {
             Self::Upsert { version, .. }
             | Self::Removed { version, .. }
+            | Self::Presence { version, .. }
             | Self::Relays { version, .. } => *version,
         }
     }
@@ -102,6 +110,7 @@ impl GroupEvent {
         match self {
             Self::Upsert { signed, .. }
             | Self::Removed { signed, .. }
+            | Self::Presence { signed, .. }
             | Self::Relays { signed, .. } => signed,
         }
     }
@@ -117,6 +126,12 @@ impl GroupEvent {
             } => (
                 *version,
                 api::network_map_update::Kind::PeerRemoved(node_id.to_string()),
+            ),
+            Self::Presence { version, peers, .. } => (
+                *version,
+                api::network_map_update::Kind::Peers(api::PeerBatch {
+                    peers: (**peers).clone(),
+                }),
             ),
             Self::Relays {
                 version, relays, ..
@@ -197,7 +212,8 @@ impl Hub {
         persist()?;
         let mut epoch = [0u8; EPOCH_BYTES];
         rand::thread_rng().fill_bytes(&mut epoch);
-        let group = Arc::new(GroupHub {
+        let group = Arc::new_cyclic(|me| GroupHub {
+            me: me.clone(),
             name: name.into(),
             epoch,
             state: Mutex::new(GroupState {
@@ -205,6 +221,8 @@ impl Hub {
                 members: BTreeMap::new(),
                 watchers: HashMap::new(),
                 relays: table.relays.clone(),
+                presence: BTreeSet::new(),
+                presence_flush: false,
             }),
             tx: broadcast::channel(self.backlog).0,
             members_tx: self.members_tx.clone(),
@@ -291,7 +309,21 @@ struct GroupState {
     watchers: HashMap<String, usize>,
     /// The online relays, as the directory last published them.
     relays: Arc<Vec<Relay>>,
+    /// Members whose presence changed since the last [`GroupEvent::Presence`]
+    /// (already applied to `members`; published together later).
+    presence: BTreeSet<String>,
+    /// Whether a task will publish `presence`.
+    presence_flush: bool,
 }
+
+/// How long presence changes (a member's watch stream opening or closing)
+/// gather before they go out as one change: after a server restart every
+/// node reconnects at once, and N single notices to each of N watchers is
+/// N² messages; gathered, each watcher gets about one message per interval
+/// whatever N is. Short against the reconnect itself (a TLS handshake and
+/// an authentication), and presence is informational: links do not wait
+/// for it.
+pub const PRESENCE_COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Bytes of a group's feed epoch: random, so that two runs of the server
 /// never share one (a node takes deltas only of its full map's epoch).
@@ -299,6 +331,8 @@ pub const EPOCH_BYTES: usize = 16;
 
 /// One group's fan-out.
 pub struct GroupHub {
+    /// Itself, for the task that publishes coalesced presence.
+    me: Weak<GroupHub>,
     name: Arc<str>,
     /// This run of the group's change feed; deltas are signed over it.
     epoch: [u8; EPOCH_BYTES],
@@ -330,6 +364,8 @@ impl GroupHub {
 
 enum Change {
     Upsert(Peer),
+    /// Members whose presence changed; already in `members`.
+    Presence(Vec<Peer>),
     Remove(String, RemovalReason),
     Relays(Arc<Vec<Relay>>),
 }
@@ -427,11 +463,7 @@ impl LockedGroup<'_> {
         let count = self.st.watchers.entry(node_id.to_string()).or_insert(0);
         *count += 1;
         if *count == 1 {
-            if let Some(mut peer) = self.st.members.get(node_id).cloned() {
-                peer.online = true;
-                peer.last_seen_ms = now;
-                self.publish(Change::Upsert(peer));
-            }
+            self.presence_changed(node_id, true, now);
         }
         let first = self.snapshot(node_id)?;
         Ok((first, events))
@@ -448,13 +480,49 @@ impl LockedGroup<'_> {
             return false;
         }
         self.st.watchers.remove(node_id);
-        let Some(mut peer) = self.st.members.get(node_id).cloned() else {
+        self.presence_changed(node_id, false, now)
+    }
+
+    /// A member went online or offline: applied at once (snapshots show
+    /// it), published with the other presence changes of the next
+    /// [`PRESENCE_COALESCE`]. False when `node_id` is no member.
+    fn presence_changed(&mut self, node_id: &str, online: bool, now: u64) -> bool {
+        let Some(peer) = self.st.members.get_mut(node_id) else {
             return false;
         };
-        peer.online = false;
+        peer.online = online;
         peer.last_seen_ms = now;
-        self.publish(Change::Upsert(peer));
+        self.st.presence.insert(node_id.to_string());
+        if !self.st.presence_flush {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    self.st.presence_flush = true;
+                    let group = self.hub.me.clone();
+                    rt.spawn(async move {
+                        tokio::time::sleep(PRESENCE_COALESCE).await;
+                        if let Some(group) = group.upgrade() {
+                            group.lock().flush_presence();
+                        }
+                    });
+                }
+                // No runtime to wait on (never in the server): publish now.
+                Err(_) => self.flush_presence(),
+            }
+        }
         true
+    }
+
+    /// Publishes the gathered presence changes as one change.
+    fn flush_presence(&mut self) {
+        self.st.presence_flush = false;
+        let ids = std::mem::take(&mut self.st.presence);
+        let peers: Vec<Peer> = ids
+            .iter()
+            .filter_map(|id| self.st.members.get(id).cloned())
+            .collect();
+        if !peers.is_empty() {
+            self.publish(Change::Presence(peers));
+        }
     }
 
     /// Applies a change as the group's next version and tells the watchers
@@ -466,6 +534,8 @@ impl LockedGroup<'_> {
         let mut member_change = None;
         let event = match change {
             Change::Upsert(peer) => {
+                // This change carries the member's presence too.
+                st.presence.remove(&peer.node_id);
                 let old = st.members.insert(peer.node_id.clone(), peer.clone());
                 if old.is_none() {
                     member_change = Some((peer.node_id.as_str().into(), true));
@@ -477,6 +547,7 @@ impl LockedGroup<'_> {
                 }
             }
             Change::Remove(node_id, reason) => {
+                st.presence.remove(&node_id);
                 let node_id: Arc<str> = node_id.into();
                 if st.members.remove(&*node_id).is_some() {
                     member_change = Some((node_id.clone(), false));
@@ -488,6 +559,11 @@ impl LockedGroup<'_> {
                     signed: SignedOnce::default(),
                 }
             }
+            Change::Presence(peers) => GroupEvent::Presence {
+                version,
+                peers: Arc::new(peers),
+                signed: SignedOnce::default(),
+            },
             Change::Relays(relays) => {
                 st.relays = relays.clone();
                 GroupEvent::Relays {

@@ -228,6 +228,9 @@ async fn watch(p: &Proc, token: &str, seen: Arc<Mutex<Seen>>) -> tokio::task::Jo
                 Some(Kind::PeerUpsert(p)) => {
                     s.watched.insert(p.node_id);
                 }
+                Some(Kind::Peers(b)) => {
+                    s.watched.extend(b.peers.into_iter().map(|p| p.node_id));
+                }
                 _ => {}
             }
         }

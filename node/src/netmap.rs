@@ -88,6 +88,7 @@ impl NetworkMap {
                 full.self_node.iter().chain(&full.peers).collect()
             }
             Kind::PeerUpsert(p) => vec![p],
+            Kind::Peers(batch) => batch.peers.iter().collect(),
             _ => Vec::new(),
         };
         match peers.into_iter().find(|p| !key_matches(p)) {
@@ -95,6 +96,20 @@ impl NetworkMap {
                 node_id: p.node_id.clone(),
             }),
             None => Ok(()),
+        }
+    }
+
+    /// Puts `p` in place of the peer (or this node) of its id; the change,
+    /// if anything changed.
+    fn upsert(&mut self, p: Peer) -> Option<MapChange> {
+        if self.self_node.as_ref().map(|s| s.node_id.as_str()) == Some(p.node_id.as_str()) {
+            self.self_node = Some(p.clone());
+            return Some(MapChange::SelfUpdated(p));
+        }
+        match self.peers.insert(p.node_id.clone(), p.clone()) {
+            None => Some(MapChange::Added(p)),
+            Some(old) if old != p => Some(MapChange::Updated(p)),
+            Some(_) => None,
         }
     }
 
@@ -152,18 +167,14 @@ impl NetworkMap {
             return Ok(Vec::new());
         }
         self.version = update.version;
-        let own_id = self.self_node.as_ref().map(|p| p.node_id.as_str());
         Ok(match kind {
             Kind::Full(_) | Kind::Punch(_) => unreachable!("handled above"),
-            Kind::PeerUpsert(p) if Some(p.node_id.as_str()) == own_id => {
-                self.self_node = Some(p.clone());
-                vec![MapChange::SelfUpdated(p)]
-            }
-            Kind::PeerUpsert(p) => match self.peers.insert(p.node_id.clone(), p.clone()) {
-                None => vec![MapChange::Added(p)],
-                Some(old) if old != p => vec![MapChange::Updated(p)],
-                Some(_) => Vec::new(),
-            },
+            Kind::PeerUpsert(p) => self.upsert(p).into_iter().collect(),
+            Kind::Peers(batch) => batch
+                .peers
+                .into_iter()
+                .filter_map(|p| self.upsert(p))
+                .collect(),
             Kind::PeerRemoved(id) => match self.peers.remove(&id) {
                 Some(_) => vec![MapChange::Removed(id)],
                 None => Vec::new(),
@@ -215,6 +226,36 @@ mod tests {
             version,
             kind: Some(Kind::PeerRemoved(id.into())),
         }
+    }
+
+    /// A coalesced presence change applies each peer like an upsert: new
+    /// ones added, changed ones updated, this node's own entry as itself.
+    #[test]
+    fn a_peer_batch_applies_each_peer() {
+        let mut m = NetworkMap::of_node("me");
+        m.apply(full(1, "me", &[peer("a", "a")])).unwrap();
+        let mut a = peer("a", "a");
+        a.online = true;
+        let mut me = peer("me", "me");
+        me.online = true;
+        let c = m
+            .apply(NetworkMapUpdate {
+                version: 2,
+                kind: Some(Kind::Peers(peermesh_proto::api::PeerBatch {
+                    peers: vec![a.clone(), peer("b", "b"), me.clone()],
+                })),
+            })
+            .unwrap();
+        assert_eq!(
+            c,
+            vec![
+                MapChange::Updated(a),
+                MapChange::Added(peer("b", "b")),
+                MapChange::SelfUpdated(me)
+            ]
+        );
+        assert_eq!(m.peers.len(), 2);
+        assert_eq!(m.version, 2);
     }
 
     #[test]

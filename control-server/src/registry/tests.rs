@@ -15,7 +15,7 @@ use tokio::sync::broadcast::{self, error::TryRecvError};
 use super::groups::MAX_TOKEN_TTL_SECS;
 use super::*;
 use crate::error::{ControlError, Result};
-use crate::hub::{GroupEvent, Hub, RemovalReason};
+use crate::hub::{GroupEvent, Hub, RemovalReason, PRESENCE_COALESCE};
 use crate::limits::Limits;
 use crate::sessions::{Clock, Sessions};
 use crate::store::Store;
@@ -253,6 +253,19 @@ fn next_event(events: &mut broadcast::Receiver<GroupEvent>, version: &mut u64) -
             *version = ev.version();
             return ev;
         }
+    }
+}
+
+/// The next coalesced presence change, once [`PRESENCE_COALESCE`] has
+/// passed.
+async fn next_presence(
+    events: &mut broadcast::Receiver<GroupEvent>,
+    version: &mut u64,
+) -> Vec<peermesh_proto::api::Peer> {
+    tokio::time::sleep(PRESENCE_COALESCE * 2).await;
+    match next_event(events, version) {
+        GroupEvent::Presence { peers, .. } => (*peers).clone(),
+        other => panic!("expected a presence change, got {other:?}"),
     }
 }
 
@@ -1087,18 +1100,18 @@ async fn online_follows_watch_streams() {
 
     let w1 = f.reg.watch(&a.ctx).expect("watch a");
     assert!(f.node(&a.node_id).online);
-    match next_event(&mut events, &mut version) {
-        GroupEvent::Upsert { peer, .. } => {
-            assert_eq!(peer.node_id, a.node_id);
-            assert!(peer.online);
-        }
-        other => panic!("expected an upsert, got {other:?}"),
-    }
+    // B (the observer) and A came online together.
+    let peers = next_presence(&mut events, &mut version).await;
+    assert_eq!(peers.len(), 2);
+    assert!(peers.iter().all(|p| p.online));
+    assert!(peers.iter().any(|p| p.node_id == a.node_id));
     // A second stream of the same node changes nothing.
     let w2 = f.reg.watch(&a.ctx).expect("second watch a");
+    tokio::time::sleep(PRESENCE_COALESCE * 2).await;
     assert_no_event(&mut events, version);
     drop(w1);
     assert!(f.node(&a.node_id).online);
+    tokio::time::sleep(PRESENCE_COALESCE * 2).await;
     assert_no_event(&mut events, version);
 
     f.advance(5_000);
@@ -1106,18 +1119,50 @@ async fn online_follows_watch_streams() {
     let n = f.node(&a.node_id);
     assert!(!n.online);
     assert_eq!(n.last_seen_ms, f.now());
-    match next_event(&mut events, &mut version) {
-        GroupEvent::Upsert { peer, .. } => {
-            assert_eq!(peer.node_id, a.node_id);
-            assert!(!peer.online);
-            assert_eq!(peer.last_seen_ms, f.now());
-        }
-        other => panic!("expected an upsert, got {other:?}"),
-    }
+    let peers = next_presence(&mut events, &mut version).await;
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].node_id, a.node_id);
+    assert!(!peers[0].online);
+    assert_eq!(peers[0].last_seen_ms, f.now());
     // B's own stream keeps B online.
     assert!(f.node(&b.node_id).online);
     drop(observer.guard);
     assert!(!f.node(&b.node_id).online);
+}
+
+/// Many members coming online at once (a server restart) reach a watcher
+/// as a few coalesced changes, not one each.
+#[tokio::test]
+async fn presence_of_many_nodes_is_coalesced() {
+    const N: usize = 50;
+    let f = Fixture::new();
+    f.group("lab").await;
+    let (token, _) = f.token("lab", 0, 0).await;
+    let observer = f.join_ok(&Keypair::generate_ed25519(), &token, "o").await;
+    let mut nodes = Vec::new();
+    for i in 0..N {
+        nodes.push(
+            f.join_ok(&Keypair::generate_ed25519(), &token, &format!("n{i}"))
+                .await,
+        );
+    }
+    let sub = f.reg.watch(&observer.ctx).expect("watch");
+    let (mut events, mut version) = (sub.events, sub.version);
+    tokio::time::sleep(PRESENCE_COALESCE * 2).await;
+    while events.try_recv().is_ok() {}
+    let guards: Vec<_> = nodes
+        .iter()
+        .map(|n| f.reg.watch(&n.ctx).expect("watch"))
+        .collect();
+    let peers = next_presence(&mut events, &mut version).await;
+    assert_eq!(peers.len(), N, "every node in one change");
+    assert!(peers.iter().all(|p| p.online));
+    assert_no_event(&mut events, version);
+    drop(guards);
+    let peers = next_presence(&mut events, &mut version).await;
+    assert_eq!(peers.len(), N);
+    assert!(peers.iter().all(|p| !p.online));
+    drop(sub.guard);
 }
 
 #[tokio::test]
