@@ -79,6 +79,28 @@ pub enum Request {
     Session(peermesh_session::ops::SessionRequest),
 }
 
+impl Request {
+    /// What users with read-only access may ask: nothing that sends,
+    /// receives, fetches or changes anything.
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, Self::Status | Self::Events { .. })
+    }
+
+    /// The operation's name, for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::Send { .. } => "send",
+            Self::Recv { .. } => "recv",
+            Self::Blast { .. } => "blast",
+            Self::Sink { .. } => "sink",
+            Self::Events { .. } => "events",
+            Self::Get(_) => "get",
+            Self::Session(_) => "session",
+        }
+    }
+}
+
 /// Running totals of a `sink`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SinkProgress {

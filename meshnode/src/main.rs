@@ -91,6 +91,11 @@ enum Command {
         /// endpoint speaks; repeatable.
         #[arg(long = "protocol", value_name = "NAME")]
         protocols: Vec<String>,
+        /// Let this user (a numeric uid) read the node's status and events
+        /// through the local API; repeatable. Commands stay with the
+        /// state directory's owner and root.
+        #[arg(long = "status-uid", value_name = "UID")]
+        status_uids: Vec<u32>,
     },
     /// Run a relay server that registers in the control server's directory.
     Relay {
@@ -263,6 +268,7 @@ async fn main() -> ExitCode {
             tun_mtu,
             origin,
             protocols,
+            status_uids,
         } => {
             init_tracing();
             let mut config = EndpointConfig::new(state);
@@ -282,7 +288,7 @@ async fn main() -> ExitCode {
                 name: tun_name,
                 mtu: tun_mtu,
             });
-            up(config, tun, origin, protocols).await
+            up(config, tun, origin, protocols, status_uids).await
         }
         Command::Relay {
             listen,
@@ -397,6 +403,7 @@ async fn up(
     tun: Option<peermesh_tun::TunConfig>,
     origin: Option<String>,
     protocols: Vec<String>,
+    status_uids: Vec<u32>,
 ) -> Result<()> {
     let mut served = vec![messages::protocol()];
     for p in &protocols {
@@ -409,9 +416,13 @@ async fn up(
         .map(|t| peermesh_tun::TunService::open(&t))
         .transpose()?;
     let socket = socket_path(&config.state_dir);
+    let state_dir = config.state_dir.clone();
     let endpoint = Endpoint::bind(config).await?;
+    // The endpoint checked that the state directory is ours.
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&state_dir)?);
+    let policy = server::AccessPolicy::new(owner, status_uids);
     // The endpoint holds the state directory's lock: a socket left there is stale.
-    let listener = server::bind(&socket).await?;
+    let listener = server::bind(&socket, &policy).await?;
 
     // Every application is a protocol on the router.
     let mut router = Router::builder(endpoint.clone());
@@ -442,7 +453,7 @@ async fn up(
         content: Some(content),
         session: Some(session),
     };
-    let api = tokio::spawn(server::serve(listener, ctx));
+    let api = tokio::spawn(server::serve(listener, ctx, policy));
     let m = endpoint.membership();
     println!(
         "meshnode {} ({}) is up in group {}; `meshnode status --state …` shows its peers",

@@ -21,11 +21,56 @@ use crate::messages::{self, Inbox};
 
 /// Largest message a blast may use (the mesh's own limit).
 pub const MAX_BLAST_MESSAGE: usize = MAX_MESSAGE;
+/// How long a refused client may take to send its request before it is
+/// told no anyway.
+const REFUSAL_READ: Duration = Duration::from_secs(2);
 /// How often a `sink` reports its running totals.
 const SINK_REPORT: Duration = Duration::from_millis(100);
 
-/// Binds the socket, refusing if a live node already holds it.
-pub async fn bind(path: &Path) -> Result<UnixListener, NodeError> {
+/// What a local client may do, from the user it runs as (SO_PEERCRED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Every operation: the node's owner, or root.
+    Full,
+    /// Status and events only: a user named with `up --status-uid`.
+    ReadOnly,
+}
+
+/// Who may use the local API: the owner of the state directory and root
+/// everything, the `--status-uid` users read-only, nobody else anything.
+#[derive(Clone, Debug)]
+pub struct AccessPolicy {
+    owner: u32,
+    status_uids: Vec<u32>,
+}
+
+impl AccessPolicy {
+    pub fn new(owner: u32, status_uids: Vec<u32>) -> Self {
+        Self { owner, status_uids }
+    }
+
+    pub fn of(&self, uid: u32) -> Option<Access> {
+        if uid == self.owner || uid == 0 {
+            Some(Access::Full)
+        } else if self.status_uids.contains(&uid) {
+            Some(Access::ReadOnly)
+        } else {
+            None
+        }
+    }
+
+    /// Whether users other than the owner are let in (read-only): then the
+    /// socket and its directory must be reachable by them.
+    fn shared(&self) -> bool {
+        !self.status_uids.is_empty()
+    }
+}
+
+/// Binds the socket, refusing if a live node already holds it. The socket
+/// is owner-only, unless `policy` lets other users read status: then it is
+/// world-connectable and its directory traversable (not listable), and
+/// SO_PEERCRED decides who gets what.
+pub async fn bind(path: &Path, policy: &AccessPolicy) -> Result<UnixListener, NodeError> {
     let state = |source| NodeError::State {
         path: path.to_path_buf(),
         source,
@@ -39,7 +84,18 @@ pub async fn bind(path: &Path) -> Result<UnixListener, NodeError> {
         // A stale socket from a node that died.
         std::fs::remove_file(path).map_err(state)?;
     }
-    UnixListener::bind(path).map_err(state)
+    let listener = UnixListener::bind(path).map_err(state)?;
+    use std::os::unix::fs::PermissionsExt;
+    let (socket_mode, dir_mode) = if policy.shared() {
+        (0o666, 0o711)
+    } else {
+        (0o600, 0o700)
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode)).map_err(state)?;
+    if let Some(dir) = path.parent() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode)).map_err(state)?;
+    }
+    Ok(listener)
 }
 
 /// What the operations reach into.
@@ -70,14 +126,41 @@ async fn closed(reader: &mut (impl AsyncBufReadExt + Unpin)) {
 }
 
 /// Answers requests until dropped.
-pub async fn serve(listener: UnixListener, ctx: Ctx) {
+pub async fn serve(listener: UnixListener, ctx: Ctx, policy: AccessPolicy) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
         let ctx = ctx.clone();
+        let policy = policy.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, ctx).await {
+            let uid = match stream.peer_cred() {
+                Ok(cred) => cred.uid(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "local API client without credentials; refused");
+                    return;
+                }
+            };
+            let Some(access) = policy.of(uid) else {
+                tracing::warn!(uid, "local API client of another user; refused");
+                // Take its request first (bounded), so that it reads the
+                // refusal instead of a broken pipe.
+                let mut first = String::new();
+                let mut reader = BufReader::new((&mut stream).take(MAX_REQUEST as u64));
+                let _ = tokio::time::timeout(REFUSAL_READ, reader.read_line(&mut first)).await;
+                let _ = write_line(
+                    &mut stream,
+                    &Answer::err(format!(
+                        "permission denied: uid {uid} may not use this node's local API \
+                         (its owner is uid {}; `meshnode up --status-uid {uid}` lets it read \
+                         status)",
+                        policy.owner
+                    )),
+                )
+                .await;
+                return;
+            };
+            if let Err(e) = answer(stream, ctx, access, uid).await {
                 tracing::debug!(error = %e, "status client");
             }
         });
@@ -138,7 +221,7 @@ fn name_of(ctx: &Ctx, id: NodeId) -> String {
         .unwrap_or_default()
 }
 
-async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
+async fn answer(stream: UnixStream, ctx: Ctx, access: Access, uid: u32) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r.take(MAX_REQUEST as u64));
     let mut line = String::new();
@@ -154,6 +237,18 @@ async fn answer(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
                 continue;
             }
         };
+        if access == Access::ReadOnly && !req.is_read_only() {
+            write_line(
+                &mut w,
+                &Answer::err(format!(
+                    "permission denied: `{}` is a command; uid {uid} may only read status and \
+                     events (the node's owner or root may do everything)",
+                    req.name()
+                )),
+            )
+            .await?;
+            continue;
+        }
         match req {
             Request::Status => {
                 let mut status = ctx.endpoint.status().borrow().clone();

@@ -9,6 +9,11 @@ pub enum NodeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "state directory {path} belongs to uid {owner}, not to this user (uid {me}); \
+         give another --state, or run as its owner"
+    )]
+    StateOwner { path: PathBuf, owner: u32, me: u32 },
     #[error("{path} is corrupt: {reason}")]
     CorruptState { path: PathBuf, reason: String },
     #[error("this node has not joined a group yet: pass --token (and --control)")]

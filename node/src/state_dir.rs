@@ -39,9 +39,25 @@ pub struct StateDir {
 }
 
 impl StateDir {
+    /// Opens (creating) the state directory. One that another user owns is
+    /// refused, not taken over: its mode is not ours to change, and its key
+    /// and socket may be someone else's. Our own is made owner-only.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(NodeError::state(&root))?;
+        let owner = std::fs::metadata(&root)
+            .map_err(NodeError::state(&root))?
+            .uid();
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if owner != me {
+            return Err(NodeError::StateOwner {
+                path: root,
+                owner,
+                me,
+            });
+        }
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
             .map_err(NodeError::state(&root))?;
         Ok(Self { root })
@@ -128,6 +144,33 @@ pub fn peer_id(kp: &Keypair) -> PeerId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory of another user is refused, and its mode left alone.
+    #[test]
+    fn another_users_directory_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            // Only root can give a directory away; CI runs as root.
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI=true: this test needs root"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let err = StateDir::open(&theirs).unwrap_err();
+        assert!(
+            matches!(err, NodeError::StateOwner { owner: 65534, .. }),
+            "{err}"
+        );
+        let mode = std::fs::metadata(&theirs).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755, "the mode of another user's directory changed");
+    }
 
     #[test]
     fn identity_is_stable_across_opens() {
