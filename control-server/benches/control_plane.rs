@@ -523,10 +523,23 @@ async fn watch(
             map.self_node.as_ref().is_some_and(|s| s.node_id == id),
             "the map's self node is not the watcher"
         );
+        // The members follow the head in parts (the watcher among them).
+        let mut listed = map.peers.len();
+        for _ in 0..map.parts {
+            let part = stream
+                .message()
+                .await?
+                .context("the stream ended inside the first map")?;
+            match NetworkMapUpdate::decode(part.update.as_ref())?.kind {
+                Some(Kind::Part(batch)) => {
+                    listed += batch.peers.iter().filter(|p| p.node_id != id).count()
+                }
+                other => bail!("expected a part of the first map, got {other:?}"),
+            }
+        }
         ensure!(
-            map.peers.len() == peers,
-            "the first map lists {} peers, expected {peers}",
-            map.peers.len()
+            listed == peers,
+            "the first map lists {listed} peers, expected {peers}"
         );
         Ok((stream, first.version))
     }
@@ -587,7 +600,9 @@ async fn watch(
         };
         match &update.kind {
             Some(Kind::PeerUpsert(peer)) => report(peer),
-            Some(Kind::Peers(batch)) => batch.peers.iter().for_each(&mut report),
+            Some(Kind::Peers(batch)) | Some(Kind::Part(batch)) => {
+                batch.peers.iter().for_each(&mut report)
+            }
             Some(Kind::Full(map)) => {
                 // A fresh map replaces what the watcher knew, so it delivers
                 // the change too; it is also a sign of lag, so count it.
@@ -621,7 +636,12 @@ struct Storm {
     /// Updates received by all watchers after their first map.
     updates: u64,
     resyncs: usize,
+    /// Connections or watches tried again after failing.
+    retries: usize,
 }
+
+/// Tries a node makes to reconnect and watch during the storm.
+const STORM_ATTEMPTS: u32 = 20;
 
 /// Every node opens a new connection and watch at once; waits until all
 /// hold the same version and it stays put (the last presence changes are
@@ -637,38 +657,75 @@ async fn reconnect_storm(server: &ServerProcess, nodes: &[Node], limit: Duration
     });
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(n.max(1)));
+    let retries = Arc::new(AtomicUsize::new(0));
     let mut watchers = JoinSet::new();
     for (idx, node) in nodes.iter().enumerate() {
         let (url, stats, events_tx, gate) =
             (url.clone(), stats.clone(), events_tx.clone(), gate.clone());
         let (id, credential) = (node.id.clone(), node.credential.clone());
+        let retries = retries.clone();
         watchers.spawn(async move {
-            let client = match connect(&url).await {
-                Ok(ch) => NodeControlClient::new(ch),
-                Err(e) => {
-                    let _ = events_tx.send(Event::Failed {
-                        watcher: idx,
-                        error: format!("reconnecting: {e:#}"),
-                    });
+            // As a node does: a connection or watch that fails is tried
+            // again after a short, jittered pause.
+            let mut last = String::new();
+            for attempt in 0..STORM_ATTEMPTS {
+                if attempt > 0 {
+                    retries.fetch_add(1, Ordering::Relaxed);
+                    let pause = 100 + rand::random::<u64>() % (200 * u64::from(attempt));
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                let client = match connect(&url).await {
+                    Ok(ch) => NodeControlClient::new(ch),
+                    Err(e) => {
+                        last = format!("reconnecting: {e:#}");
+                        continue;
+                    }
+                };
+                let node = Node {
+                    id: id.clone(),
+                    credential: credential.clone(),
+                    client,
+                };
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                tokio::spawn(watch(idx, node, n - 1, gate.clone(), stats.clone(), tx));
+                let mut failed = false;
+                while let Some(ev) = rx.recv().await {
+                    match ev {
+                        Event::Failed { error, .. } => {
+                            if attempt == 0 && idx % 100 == 0 {
+                                eprintln!("[storm] watcher {idx} (a sample): {error}");
+                            }
+                            last = error;
+                            failed = true;
+                            break;
+                        }
+                        ev => {
+                            let _ = events_tx.send(ev);
+                        }
+                    }
+                }
+                if !failed {
                     return;
                 }
-            };
-            let node = Node {
-                id,
-                credential,
-                client,
-            };
-            watch(idx, node, n - 1, gate, stats, events_tx).await
+            }
+            let _ = events_tx.send(Event::Failed {
+                watcher: idx,
+                error: format!("{STORM_ATTEMPTS} attempts; the last: {last}"),
+            });
         });
     }
     drop(events_tx);
+    let ready = Arc::new(AtomicUsize::new(0));
+    let progress = ready.clone();
     let settled = within(limit, "the reconnect storm", async {
-        let mut ready = 0;
+        let ready = &*progress;
         let mut stable_since: Option<(u64, Instant)> = None;
         loop {
             while let Ok(ev) = events.try_recv() {
                 match ev {
-                    Event::Ready { .. } => ready += 1,
+                    Event::Ready { .. } => {
+                        ready.fetch_add(1, Ordering::Relaxed);
+                    }
                     Event::Failed { watcher, error } => bail!("watcher {watcher}: {error}"),
                     Event::Seen { .. } => {}
                 }
@@ -679,7 +736,9 @@ async fn reconnect_storm(server: &ServerProcess, nodes: &[Node], limit: Duration
                 .map(|v| v.load(Ordering::Acquire))
                 .collect();
             let top = versions.iter().copied().max().unwrap_or(0);
-            if ready == n && versions.iter().all(|v| *v == top) {
+            // A watcher that failed after its first map and came back is
+            // counted once: by the version it holds.
+            if top > 0 && versions.iter().all(|v| *v == top) {
                 match stable_since {
                     Some((v, at)) if v == top => {
                         // Twice the presence interval without a change: done.
@@ -695,11 +754,26 @@ async fn reconnect_storm(server: &ServerProcess, nodes: &[Node], limit: Duration
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
-    .await?;
+    .await
+    .with_context(|| {
+        let versions: Vec<u64> = stats
+            .version
+            .iter()
+            .map(|v| v.load(Ordering::Acquire))
+            .collect();
+        format!(
+            "{} first maps received by {n} watchers, {} retries, versions {}..={}",
+            ready.load(Ordering::Relaxed),
+            retries.load(Ordering::Relaxed),
+            versions.iter().min().unwrap_or(&0),
+            versions.iter().max().unwrap_or(&0)
+        )
+    })?;
     let storm = Storm {
         settled,
         updates: stats.updates.load(Ordering::Relaxed),
         resyncs: stats.resyncs.load(Ordering::Relaxed),
+        retries: retries.load(Ordering::Relaxed),
     };
     watchers.shutdown().await;
     Ok(storm)
@@ -928,10 +1002,11 @@ async fn run(bin: &Path, n: usize, changes: usize, limit: Duration) -> Result<Ru
     let (_, storm_peak) = server_memory(server.pid())?;
     eprintln!(
         "[{n} nodes] reconnect storm: all {n} watching and caught up after {:.2} s; \
-         {:.1} updates per watcher, {} resyncs; server peak RSS {:.1} MiB",
+         {:.1} updates per watcher, {} resyncs, {} retries; server peak RSS {:.1} MiB",
         storm.settled.as_secs_f64(),
         storm.updates as f64 / n as f64,
         storm.resyncs,
+        storm.retries,
         mib(storm_peak)
     );
     drop(nodes);
@@ -976,6 +1051,7 @@ async fn run(bin: &Path, n: usize, changes: usize, limit: Duration) -> Result<Ru
             "all_caught_up_s": round2(storm.settled.as_secs_f64()),
             "updates_per_watcher": round2(storm.updates as f64 / n as f64),
             "resyncs": storm.resyncs,
+            "retries": storm.retries,
             "server_peak_rss_mib": round2(mib(storm_peak)),
         },
     });

@@ -223,6 +223,7 @@ impl Hub {
                 relays: table.relays.clone(),
                 presence: BTreeSet::new(),
                 presence_flush: false,
+                parts: None,
             }),
             tx: broadcast::channel(self.backlog).0,
             members_tx: self.members_tx.clone(),
@@ -314,6 +315,39 @@ struct GroupState {
     presence: BTreeSet<String>,
     /// Whether a task will publish `presence`.
     presence_flush: bool,
+    /// The members encoded in parts at some version, for every watcher
+    /// that starts (or resyncs) at that version.
+    parts: Option<Arc<MapParts>>,
+}
+
+/// Members per part of a full map: about 13 KiB, so a watch stream's
+/// buffers stay small whatever the group's size.
+pub const PEERS_PER_PART: usize = 64;
+
+/// Every member of a group at one version, as the `part` updates of a full
+/// map (see `NetworkMap.parts`), encoded once for all watchers.
+#[derive(Debug)]
+pub struct MapParts {
+    pub version: u64,
+    /// Each an encoded `NetworkMapUpdate` whose kind is `part`.
+    pub parts: Vec<bytes::Bytes>,
+    /// `signing::map_parts_digest` of `parts`.
+    pub digest: Vec<u8>,
+}
+
+impl MapParts {
+    /// The parts decoded (for tests and the few who want a map in one
+    /// piece).
+    pub fn decode(&self) -> Vec<api::PeerBatch> {
+        use prost::Message;
+        self.parts
+            .iter()
+            .filter_map(|b| match NetworkMapUpdate::decode(b.as_ref()).ok()?.kind {
+                Some(api::network_map_update::Kind::Part(p)) => Some(p),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// How long presence changes (a member's watch stream opening or closing)
@@ -439,19 +473,89 @@ impl LockedGroup<'_> {
                 relays: self.st.relays.to_vec(),
                 epoch: self.hub.epoch.to_vec(),
                 server_identity: None,
+                parts: 0,
+                parts_digest: Vec::new(),
             })),
         })
     }
 
+    /// The members at the current version in parts, encoded once per
+    /// version.
+    pub fn parts(&mut self) -> Arc<MapParts> {
+        use prost::Message;
+        let version = self.st.version;
+        if let Some(p) = self.st.parts.as_ref().filter(|p| p.version == version) {
+            return p.clone();
+        }
+        let members: Vec<&Peer> = self.st.members.values().collect();
+        let parts: Vec<bytes::Bytes> = members
+            .chunks(PEERS_PER_PART)
+            .map(|chunk| {
+                NetworkMapUpdate {
+                    version,
+                    kind: Some(api::network_map_update::Kind::Part(api::PeerBatch {
+                        peers: chunk.iter().map(|p| (*p).clone()).collect(),
+                    })),
+                }
+                .encode_to_vec()
+                .into()
+            })
+            .collect();
+        let digest = peermesh_proto::signing::map_parts_digest(parts.iter().map(|b| b.as_ref()));
+        let p = Arc::new(MapParts {
+            version,
+            parts,
+            digest,
+        });
+        self.st.parts = Some(p.clone());
+        p
+    }
+
+    /// The full map as member `node_id` sees it at the current version, in
+    /// parts: the head (this node, relays, the parts' count and digest)
+    /// and the shared parts.
+    pub fn snapshot_in_parts(
+        &mut self,
+        node_id: &str,
+    ) -> Result<(NetworkMapUpdate, Arc<MapParts>)> {
+        let parts = self.parts();
+        let self_node = self
+            .st
+            .members
+            .get(node_id)
+            .cloned()
+            .ok_or_else(|| ControlError::PermissionDenied("node is not a member".into()))?;
+        let head = NetworkMapUpdate {
+            version: self.st.version,
+            kind: Some(api::network_map_update::Kind::Full(NetworkMap {
+                group: self.hub.name.to_string(),
+                self_node: Some(self_node),
+                peers: Vec::new(),
+                stun: None,
+                relays: self.st.relays.to_vec(),
+                epoch: self.hub.epoch.to_vec(),
+                server_identity: None,
+                parts: parts.parts.len() as u32,
+                parts_digest: parts.digest.clone(),
+            })),
+        };
+        Ok((head, parts))
+    }
+
     /// Opens a watch stream of member `node_id`: the full map at the current
-    /// version and a receiver of every later change. The node is online from
+    /// version (in parts) and a receiver of every later change. The node is online from
     /// its first stream (seen at `now`) until [`Self::unwatch`] closes its
     /// last.
+    #[allow(clippy::type_complexity)]
     pub fn watch(
         &mut self,
         node_id: &str,
         now: u64,
-    ) -> Result<(NetworkMapUpdate, broadcast::Receiver<GroupEvent>)> {
+    ) -> Result<(
+        NetworkMapUpdate,
+        Arc<MapParts>,
+        broadcast::Receiver<GroupEvent>,
+    )> {
         // Checked before anything changes: the node may have been removed
         // since its session was authorized.
         if !self.is_member(node_id) {
@@ -465,8 +569,8 @@ impl LockedGroup<'_> {
         if *count == 1 {
             self.presence_changed(node_id, true, now);
         }
-        let first = self.snapshot(node_id)?;
-        Ok((first, events))
+        let (head, parts) = self.snapshot_in_parts(node_id)?;
+        Ok((head, parts, events))
     }
 
     /// Closes one watch stream of `node_id`. True when it was the node's
@@ -492,6 +596,10 @@ impl LockedGroup<'_> {
         };
         peer.online = online;
         peer.last_seen_ms = now;
+        // The parts of the current version may now show this member's
+        // presence as it was: the change reaches every watcher that starts
+        // from them with the next presence change (a higher version), so
+        // they stay, and are built once per version, not once per watcher.
         self.st.presence.insert(node_id.to_string());
         if !self.st.presence_flush {
             match tokio::runtime::Handle::try_current() {

@@ -114,7 +114,10 @@ async fn the_world_works() {
         .await
         .expect("watch")
         .into_inner();
-    let first = unsigned(&stream.message().await.expect("first").expect("a message"));
+    let first = common::next_update(&mut stream)
+        .await
+        .expect("first")
+        .expect("a message");
     let Some(Kind::Full(map)) = first.kind else {
         panic!("first message is not a full map: {first:?}");
     };
@@ -801,7 +804,10 @@ async fn watch_then(w: &mut World, member_index: usize, act: Action, needle: &st
         .await
         .expect("watch")
         .into_inner();
-    let first = unsigned(&stream.message().await.expect("first").expect("a message"));
+    let first = common::next_update(&mut stream)
+        .await
+        .expect("first")
+        .expect("a message");
     assert!(matches!(first.kind, Some(Kind::Full(_))), "{first:?}");
 
     match act {

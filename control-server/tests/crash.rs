@@ -218,8 +218,7 @@ async fn watch(p: &Proc, token: &str, seen: Arc<Mutex<Seen>>) -> tokio::task::Jo
         .expect("watch")
         .into_inner();
     tokio::spawn(async move {
-        while let Ok(Some(signed)) = stream.message().await {
-            let update = common::unsigned(&signed);
+        while let Ok(Some(update)) = common::next_update(&mut stream).await {
             let mut s = seen.lock().unwrap();
             match update.kind {
                 Some(Kind::Full(m)) => {

@@ -66,7 +66,13 @@ pub enum MapRefused {
     Decode(#[from] prost::DecodeError),
     #[error("a delta before any full map")]
     NoBase,
+    #[error("full map in parts: {0}")]
+    Parts(&'static str),
 }
+
+/// Most parts a full map may announce: 4,096 × 64 members, far beyond any
+/// group a server keeps (10,000 by default); a bound on what a node buffers.
+const MAX_MAP_PARTS: u32 = 4096;
 
 /// What the watch stream gave: a checked update, or why it stopped.
 pub enum MapError {
@@ -83,13 +89,15 @@ pub struct MapStream {
 impl MapStream {
     /// The next update, checked; `Ok(None)` when the stream ended.
     pub async fn message(&mut self) -> Result<Option<NetworkMapUpdate>, MapError> {
-        let Some(signed) = self.inner.message().await.map_err(MapError::Status)? else {
-            return Ok(None);
-        };
-        self.checker
-            .check(signed)
-            .map(Some)
-            .map_err(MapError::Refused)
+        loop {
+            let Some(signed) = self.inner.message().await.map_err(MapError::Status)? else {
+                return Ok(None);
+            };
+            // None: a part of a full map that is not complete yet.
+            if let Some(update) = self.checker.check(signed).map_err(MapError::Refused)? {
+                return Ok(Some(update));
+            }
+        }
     }
 }
 
@@ -101,11 +109,30 @@ struct MapChecker {
     nonce: Vec<u8>,
     /// The group and feed epoch of this stream's full map.
     base: Option<(String, Vec<u8>)>,
+    /// A full map whose parts are still arriving.
+    pending: Option<PendingMap>,
+}
+
+/// A checked full map's head and the parts received so far.
+struct PendingMap {
+    head: NetworkMapUpdate,
+    want: u32,
+    digest: Vec<u8>,
+    bytes: Vec<bytes::Bytes>,
+    parts: Vec<peermesh_proto::api::PeerBatch>,
 }
 
 impl MapChecker {
-    fn check(&mut self, signed: SignedMapUpdate) -> Result<NetworkMapUpdate, MapRefused> {
+    /// Checks one update; `None` when it was a part of a full map that is
+    /// not complete yet (the map comes out whole with its last part).
+    fn check(&mut self, signed: SignedMapUpdate) -> Result<Option<NetworkMapUpdate>, MapRefused> {
         let update = NetworkMapUpdate::decode(signed.update.as_ref())?;
+        if let Some(Kind::Part(part)) = update.kind {
+            return self.part(signed.update, update.version, part);
+        }
+        if self.pending.take().is_some() {
+            return Err(MapRefused::Parts("a full map's parts were cut off"));
+        }
         let (server_id, node_id) = {
             let s = self.client.session();
             (s.server_id.clone(), s.node_id.clone())
@@ -130,8 +157,54 @@ impl MapChecker {
         tls::verify(&key, signed.signature.as_ref(), &payload)?;
         if let Some(Kind::Full(full)) = &update.kind {
             self.base = Some((full.group.clone(), full.epoch.clone()));
+            if full.parts > 0 {
+                if full.parts > MAX_MAP_PARTS {
+                    return Err(MapRefused::Parts("more parts than any group has"));
+                }
+                self.pending = Some(PendingMap {
+                    want: full.parts,
+                    digest: full.parts_digest.clone(),
+                    head: update,
+                    bytes: Vec::new(),
+                    parts: Vec::new(),
+                });
+                return Ok(None);
+            }
         }
-        Ok(update)
+        Ok(Some(update))
+    }
+
+    /// One part of the pending full map; the whole map once the last part
+    /// is in and the parts match the digest the signed head carries.
+    fn part(
+        &mut self,
+        bytes: bytes::Bytes,
+        version: u64,
+        part: peermesh_proto::api::PeerBatch,
+    ) -> Result<Option<NetworkMapUpdate>, MapRefused> {
+        let p = self
+            .pending
+            .as_mut()
+            .ok_or(MapRefused::Parts("a part without its full map"))?;
+        if version != p.head.version {
+            return Err(MapRefused::Parts("a part of another version"));
+        }
+        p.bytes.push(bytes);
+        p.parts.push(part);
+        if p.parts.len() < p.want as usize {
+            return Ok(None);
+        }
+        let p = self.pending.take().expect("checked above");
+        if signing::map_parts_digest(p.bytes.iter().map(|b| b.as_ref())) != p.digest {
+            return Err(MapRefused::Parts(
+                "the parts do not match the signed digest (changed on the path?)",
+            ));
+        }
+        let mut head = p.head;
+        if let Some(Kind::Full(m)) = head.kind.take() {
+            head.kind = Some(Kind::Full(signing::assemble_map(m, p.parts)));
+        }
+        Ok(Some(head))
     }
 }
 
@@ -316,6 +389,7 @@ impl ControlClient {
         Ok(MapStream {
             inner,
             checker: MapChecker {
+                pending: None,
                 client: self.clone(),
                 nonce,
                 base: None,
@@ -471,6 +545,7 @@ mod tests {
             client,
             nonce: nonce.to_vec(),
             base: None,
+            pending: None,
         }
     }
 
@@ -512,6 +587,70 @@ mod tests {
         }
     }
 
+    /// A full map in parts: the signed head and its parts make the map; a
+    /// part changed on the path, or one without a head, is refused.
+    #[tokio::test]
+    async fn a_full_map_in_parts_is_checked_by_its_digest() {
+        let key = Key::new();
+        let nonce = [7u8; 32];
+        let peers: Vec<Peer> = (0..5)
+            .map(|i| peer(&format!("p{i}"), "/ip4/192.0.2.9/udp/9/quic-v1"))
+            .collect();
+        // The server's parts list every member, the node itself among them.
+        let mut all = peers.clone();
+        all.push(peer(ME, "/ip4/192.0.2.1/udp/1/quic-v1"));
+        let parts: Vec<SignedMapUpdate> = all
+            .chunks(2)
+            .map(|c| SignedMapUpdate {
+                update: NetworkMapUpdate {
+                    version: 1,
+                    kind: Some(Kind::Part(peermesh_proto::api::PeerBatch {
+                        peers: c.to_vec(),
+                    })),
+                }
+                .encode_to_vec()
+                .into(),
+                signature: None,
+            })
+            .collect();
+        let mut head = full(key.identity(), vec![]);
+        if let Some(Kind::Full(m)) = &mut head.kind {
+            m.parts = parts.len() as u32;
+            m.parts_digest = signing::map_parts_digest(parts.iter().map(|p| p.update.as_ref()));
+        }
+        let whole = full(key.identity(), peers.clone());
+
+        let mut c = checker(&key, &nonce);
+        assert_eq!(c.check(key.personal(&head, &nonce)).unwrap(), None);
+        assert_eq!(c.check(parts[0].clone()).unwrap(), None);
+        assert_eq!(c.check(parts[1].clone()).unwrap(), None);
+        assert_eq!(c.check(parts[2].clone()).unwrap(), Some(whole));
+
+        // A member slipped into a part on the path.
+        let mut c = checker(&key, &nonce);
+        c.check(key.personal(&head, &nonce)).unwrap();
+        let forged = SignedMapUpdate {
+            update: NetworkMapUpdate {
+                version: 1,
+                kind: Some(Kind::Part(peermesh_proto::api::PeerBatch {
+                    peers: vec![peer("mallory", "/ip4/203.0.113.66/udp/6/quic-v1")],
+                })),
+            }
+            .encode_to_vec()
+            .into(),
+            signature: None,
+        };
+        c.check(parts[0].clone()).unwrap();
+        c.check(parts[1].clone()).unwrap();
+        assert!(matches!(c.check(forged.clone()), Err(MapRefused::Parts(_))));
+        // A part with no full map before it.
+        let mut c = checker(&key, &nonce);
+        assert!(matches!(
+            c.check(parts[0].clone()),
+            Err(MapRefused::Parts(_))
+        ));
+    }
+
     #[tokio::test]
     async fn signed_maps_pass_and_rewritten_ones_are_refused() {
         let key = Key::new();
@@ -526,7 +665,7 @@ mod tests {
         // The full map as the server signed it.
         let map = full(key.identity(), vec![bob.clone()]);
         let signed = key.personal(&map, &nonce);
-        assert_eq!(c.check(signed.clone()).unwrap(), map);
+        assert_eq!(c.check(signed.clone()).unwrap(), Some(map.clone()));
 
         // A peer added on the path.
         let mallory = peer("mallory", "/ip4/203.0.113.66/udp/6/quic-v1");

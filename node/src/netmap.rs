@@ -169,6 +169,9 @@ impl NetworkMap {
         self.version = update.version;
         Ok(match kind {
             Kind::Full(_) | Kind::Punch(_) => unreachable!("handled above"),
+            // Parts are put together into their full map by the stream's
+            // checker (control::MapStream); a stray one changes nothing.
+            Kind::Part(_) => Vec::new(),
             Kind::PeerUpsert(p) => self.upsert(p).into_iter().collect(),
             Kind::Peers(batch) => batch
                 .peers

@@ -11,6 +11,7 @@ const RELAY_DOMAIN: &[u8] = b"peermesh/relay/v1";
 const MAP_PERSONAL_DOMAIN: &[u8] = b"peermesh/map-personal/v1";
 const MAP_DELTA_DOMAIN: &[u8] = b"peermesh/map-delta/v1";
 const ROTATION_DOMAIN: &[u8] = b"peermesh/key-rotation/v1";
+const MAP_PARTS_DOMAIN: &[u8] = b"peermesh/map-parts/v1";
 
 /// What the server signs for one watcher: a full map or a punch
 /// instruction for node `node_id` on the stream it opened with `nonce`.
@@ -39,6 +40,43 @@ pub fn map_delta_payload(server_id: &str, group: &str, epoch: &[u8], update: &[u
     push_field(&mut out, epoch);
     push_field(&mut out, update);
     out
+}
+
+/// The digest that authenticates the parts of a full map: SHA-256 over
+/// each part's encoded `NetworkMapUpdate`, length-prefixed, in order.
+pub fn map_parts_digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    push_field_hasher(&mut h, MAP_PARTS_DOMAIN);
+    for p in parts {
+        push_field_hasher(&mut h, p);
+    }
+    h.finalize().to_vec()
+}
+
+fn push_field_hasher(h: &mut impl sha2::Digest, field: &[u8]) {
+    h.update((field.len() as u64).to_be_bytes());
+    h.update(field);
+}
+
+/// Puts the parts of a full map back together: `head`'s map with the peers
+/// of every part but the watching node itself (as a map in one piece
+/// lists them).
+pub fn assemble_map(
+    mut head: crate::api::NetworkMap,
+    parts: impl IntoIterator<Item = crate::api::PeerBatch>,
+) -> crate::api::NetworkMap {
+    let own = head.self_node.as_ref().map(|p| p.node_id.clone());
+    for part in parts {
+        head.peers.extend(
+            part.peers
+                .into_iter()
+                .filter(|p| Some(&p.node_id) != own.as_ref()),
+        );
+    }
+    head.parts = 0;
+    head.parts_digest.clear();
+    head
 }
 
 /// What the replaced server key signs when the server key is rotated to

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::stream::{self, Feed, Step, UpdateStream};
 use crate::error::ControlError;
-use crate::hub::GroupEvent;
+use crate::hub::{GroupEvent, MapParts};
 use crate::ratelimit::{self, RateLimiters};
 use crate::registry::{NodeCtx, Registry, Subscription, WatchGuard};
 use crate::rendezvous::{MailboxGuard, Rendezvous};
@@ -194,6 +194,7 @@ impl NodeControl for NodeApi {
         let stream_guard = conn(&req)?.activity.stream();
         let Subscription {
             first,
+            parts,
             version,
             events,
             guard,
@@ -214,7 +215,7 @@ impl NodeControl for NodeApi {
             _slot: slot,
             _stream: stream_guard,
         };
-        let first = feed.personal(feed.with_stun(first));
+        let first = feed.full_map(first, &parts);
         Ok(Response::new(stream::spawn(
             feed,
             first,
@@ -317,6 +318,18 @@ impl WatchFeed {
         u
     }
 
+    /// A full map as the stream sends it: the head signed for this watcher
+    /// (it covers the parts' digest), then the shared parts, unsigned.
+    fn full_map(&self, head: NetworkMapUpdate, parts: &MapParts) -> Vec<SignedMapUpdate> {
+        let mut out = Vec::with_capacity(1 + parts.parts.len());
+        out.push(self.personal(self.with_stun(head)));
+        out.extend(parts.parts.iter().map(|p| SignedMapUpdate {
+            update: p.clone(),
+            signature: None,
+        }));
+        out
+    }
+
     /// `u` signed for this watcher alone (a full map, a punch).
     fn personal(&self, u: NetworkMapUpdate) -> SignedMapUpdate {
         let update = Bytes::from(u.encode_to_vec());
@@ -370,10 +383,10 @@ impl Feed for WatchFeed {
 
     fn lagged(&mut self, missed: u64) -> Step<SignedMapUpdate> {
         tracing::debug!(node = %self.ctx.node_id, missed, "watcher lagged; sending a full map");
-        match self.registry.resync(&self.ctx) {
-            Ok(full) => {
-                self.version = full.version;
-                Step::Send(self.personal(self.with_stun(full)))
+        match self.registry.resync_in_parts(&self.ctx) {
+            Ok((head, parts)) => {
+                self.version = head.version;
+                Step::SendAll(self.full_map(head, &parts))
             }
             Err(e) => Step::End(e.into()),
         }

@@ -72,7 +72,12 @@ impl RelayControl for RelayApi {
             _slot: slot,
             _stream: stream_guard,
         };
-        Ok(Response::new(stream::spawn(feed, first, events, None)))
+        Ok(Response::new(stream::spawn(
+            feed,
+            vec![first],
+            events,
+            None,
+        )))
     }
 
     async fn report_relay_load(

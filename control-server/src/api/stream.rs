@@ -24,6 +24,8 @@ pub enum Step<U> {
     /// Nothing for this client (already in its state, or about another).
     Skip,
     Send(U),
+    /// Several updates in a row (a full map in parts).
+    SendAll(Vec<U>),
     /// End the stream with this error.
     End(Status),
 }
@@ -44,11 +46,11 @@ pub trait Feed: Send + 'static {
     fn side(&mut self, item: Self::Side) -> Self::Update;
 }
 
-/// Starts feeding a client: `first`, then `feed`'s updates of `events` and
-/// of `side`.
+/// Starts feeding a client: `first` (in order), then `feed`'s updates of
+/// `events` and of `side`.
 pub fn spawn<F: Feed>(
     feed: F,
-    first: F::Update,
+    first: Vec<F::Update>,
     events: broadcast::Receiver<F::Event>,
     side: Option<mpsc::Receiver<F::Side>>,
 ) -> UpdateStream<F::Update> {
@@ -59,13 +61,15 @@ pub fn spawn<F: Feed>(
 
 async fn pump<F: Feed>(
     mut feed: F,
-    first: F::Update,
+    first: Vec<F::Update>,
     mut events: broadcast::Receiver<F::Event>,
     mut side: Option<mpsc::Receiver<F::Side>>,
     tx: mpsc::Sender<Result<F::Update, Status>>,
 ) {
-    if tx.send(Ok(first)).await.is_err() {
-        return;
+    for update in first {
+        if tx.send(Ok(update)).await.is_err() {
+            return;
+        }
     }
     loop {
         let event = tokio::select! {
@@ -83,16 +87,19 @@ async fn pump<F: Feed>(
             Err(RecvError::Lagged(missed)) => feed.lagged(missed),
             Err(RecvError::Closed) => break,
         };
-        let update = match step {
+        let updates = match step {
             Step::Skip => continue,
-            Step::Send(update) => update,
+            Step::Send(update) => vec![update],
+            Step::SendAll(updates) => updates,
             Step::End(status) => {
                 let _ = tx.send(Err(status)).await;
                 break;
             }
         };
-        if tx.send(Ok(update)).await.is_err() {
-            break;
+        for update in updates {
+            if tx.send(Ok(update)).await.is_err() {
+                return;
+            }
         }
     }
     drop(feed);

@@ -10,13 +10,15 @@ use tokio::sync::broadcast;
 
 use super::{NodeCtx, Registry};
 use crate::error::{ControlError, Result};
-use crate::hub::{GroupEvent, RemovalReason};
+use crate::hub::{GroupEvent, MapParts, RemovalReason};
 use crate::store::Txn;
 use crate::validate;
 
 /// What a watcher starts from.
 pub struct Subscription {
+    /// The full map's head; the members follow in `parts`.
     pub first: NetworkMapUpdate,
+    pub parts: Arc<MapParts>,
     pub version: u64,
     pub events: broadcast::Receiver<GroupEvent>,
     pub guard: WatchGuard,
@@ -27,6 +29,19 @@ pub struct WatchGuard {
     registry: Arc<Registry>,
     group: String,
     node_id: String,
+}
+
+impl Subscription {
+    /// The full map in one piece (its head with the parts' members).
+    pub fn full_map(&self) -> NetworkMapUpdate {
+        let mut u = self.first.clone();
+        if let Some(api::network_map_update::Kind::Full(m)) = u.kind.take() {
+            u.kind = Some(api::network_map_update::Kind::Full(
+                peermesh_proto::signing::assemble_map(m, self.parts.decode()),
+            ));
+        }
+        u
+    }
 }
 
 impl Drop for WatchGuard {
@@ -40,7 +55,7 @@ impl Registry {
     /// every later change; marks the node online.
     pub fn watch(self: &Arc<Self>, ctx: &NodeCtx) -> Result<Subscription> {
         let group = self.group(&ctx.group)?;
-        let (first, events) = {
+        let (first, parts, events) = {
             let mut g = group.lock();
             let now = self.now();
             g.watch(&ctx.node_id, now)?
@@ -53,6 +68,7 @@ impl Registry {
         Ok(Subscription {
             version: first.version,
             first,
+            parts,
             events,
             guard,
         })
@@ -63,9 +79,16 @@ impl Registry {
         self.group(group)
     }
 
-    /// A fresh full map for a watcher that fell behind.
+    /// A fresh full map (in one piece) for a watcher that fell behind.
     pub fn resync(&self, ctx: &NodeCtx) -> Result<NetworkMapUpdate> {
         self.group(&ctx.group)?.lock().snapshot(&ctx.node_id)
+    }
+
+    /// [`Self::resync`] in parts, as watch streams send it.
+    pub fn resync_in_parts(&self, ctx: &NodeCtx) -> Result<(NetworkMapUpdate, Arc<MapParts>)> {
+        self.group(&ctx.group)?
+            .lock()
+            .snapshot_in_parts(&ctx.node_id)
     }
 
     /// A member of the caller's group as peers see it (with `online`), or

@@ -957,7 +957,8 @@ async fn watch_full_map_then_deltas() {
 
     let sub = f.reg.watch(&a.ctx).expect("watch");
     assert_eq!(sub.first.version, sub.version);
-    let map = full_map(&sub.first);
+    let whole = sub.full_map();
+    let map = full_map(&whole);
     assert_eq!(map.group, "lab");
     let me = map.self_node.as_ref().expect("self");
     assert_eq!(me.node_id, a.node_id);
@@ -1461,7 +1462,8 @@ async fn state_survives_a_restart() {
     );
     // The rebuilt hub serves maps.
     let sub = f.reg.watch(&d.ctx).unwrap();
-    let map = full_map(&sub.first);
+    let whole = sub.full_map();
+    let map = full_map(&whole);
     assert_eq!(map.peers.len(), 1);
     assert_eq!(map.peers[0].node_id, a.node_id);
     assert_eq!(map.peers[0].addresses, ["/ip4/192.0.2.1/udp/4000/quic-v1"]);
@@ -1507,7 +1509,8 @@ async fn mesh_addresses_are_assigned_unique_and_sent_in_every_peer() {
 
     // The full map carries them, for the node itself and for its peers.
     let sub = f.reg.watch(&a.ctx).expect("watch");
-    let map = full_map(&sub.first);
+    let whole = sub.full_map();
+    let map = full_map(&whole);
     let me = map.self_node.as_ref().unwrap();
     assert_eq!(
         (&me.mesh_ipv4, &me.mesh_ipv6),

@@ -109,15 +109,45 @@ pub fn unsigned(
     prost::Message::decode(signed.update.as_ref()).expect("a NetworkMapUpdate")
 }
 
-/// A watch stream read as plain map updates.
+/// A watch stream read as plain map updates, full maps put together from
+/// their parts.
 pub struct MapWatch(pub tonic::Streaming<peermesh_proto::api::SignedMapUpdate>);
 
 impl MapWatch {
     pub async fn message(
         &mut self,
     ) -> Result<Option<peermesh_proto::api::NetworkMapUpdate>, Status> {
-        Ok(self.0.message().await?.map(|s| unsigned(&s)))
+        next_update(&mut self.0).await
     }
+}
+
+/// The next update of a raw watch stream; a full map comes whole (its head
+/// and the parts that follow it, put together).
+pub async fn next_update(
+    stream: &mut tonic::Streaming<peermesh_proto::api::SignedMapUpdate>,
+) -> Result<Option<peermesh_proto::api::NetworkMapUpdate>, Status> {
+    use peermesh_proto::api::network_map_update::Kind;
+    let Some(signed) = stream.message().await? else {
+        return Ok(None);
+    };
+    let mut update = unsigned(&signed);
+    if !matches!(update.kind, Some(Kind::Full(_))) {
+        return Ok(Some(update));
+    }
+    if let Some(Kind::Full(head)) = update.kind.take() {
+        let mut parts = Vec::new();
+        for _ in 0..head.parts {
+            let part = stream.message().await?.expect("the map's next part");
+            match unsigned(&part).kind {
+                Some(Kind::Part(p)) => parts.push(p),
+                other => panic!("expected a part of the full map, got {other:?}"),
+            }
+        }
+        update.kind = Some(Kind::Full(peermesh_proto::signing::assemble_map(
+            head, parts,
+        )));
+    }
+    Ok(Some(update))
 }
 
 /// A stream of messages: a gRPC stream, or a [`MapWatch`].
