@@ -10,6 +10,7 @@
 //! The order (callee opens, caller sends) is the one the seed prescribes.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -42,7 +43,8 @@ struct Pending {
     callee: String,
     /// Whether the caller made a probe offer (the callee may take it up).
     probe: bool,
-    reply: oneshot::Sender<(Vec<String>, Option<ProbeOffer>)>,
+    /// The callee's fresh candidates, where the server saw it, its offer.
+    reply: oneshot::Sender<(Vec<String>, IpAddr, Option<ProbeOffer>)>,
 }
 
 #[derive(Default)]
@@ -90,16 +92,77 @@ impl Drop for PendingGuard<'_> {
 }
 
 /// A member's direct candidates: what it sent now first, then what it
-/// published; relay circuits are not candidates for a punch.
-fn candidates(fresh: &[String], published: &[String]) -> Vec<String> {
+/// published; relay circuits are not candidates for a punch, and neither is
+/// a public address other than the one the server sees the member at
+/// ([`own_address`]): a member cannot point its peer's punch at a third
+/// host.
+fn candidates(fresh: &[String], published: &[String], observed: IpAddr) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for a in fresh.iter().chain(published) {
-        if !a.contains("/p2p-circuit") && !out.contains(a) {
+        if !a.contains("/p2p-circuit") && !out.contains(a) && own_address(a, observed) {
             out.push(a.clone());
         }
     }
     out.truncate(validate::MAX_ADDRESSES);
     out
+}
+
+/// Whether `ip` is reachable only inside some network (a LAN, this host, a
+/// link, a carrier-grade NAT): such addresses are how members behind one
+/// router find each other, and the server cannot see them; everything
+/// else must be where the server sees the member.
+fn is_local(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                // 100.64.0.0/10, shared address space (RFC 6598).
+                || (v4.octets()[0] == 100 && v4.octets()[1] & 0xc0 == 64)
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                // fc00::/7 unique local, fe80::/10 link-local.
+                || v6.segments()[0] & 0xfe00 == 0xfc00
+                || v6.segments()[0] & 0xffc0 == 0xfe80
+        }
+    }
+}
+
+/// The IP address of a candidate multiaddr (`/ip4/A/…`, `/ip6/A/…`).
+fn candidate_ip(addr: &str) -> Option<IpAddr> {
+    let mut parts = addr.split('/').skip(1);
+    match (parts.next()?, parts.next()?) {
+        ("ip4" | "ip6", ip) => ip.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Whether candidate `addr` may be a member's own, seen at `observed`: a
+/// local address, or a public one equal to `observed`. Names (`/dns/…`)
+/// are not candidates for a punch.
+fn own_address(addr: &str, observed: IpAddr) -> bool {
+    candidate_ip(addr)
+        .is_some_and(|ip| is_local(ip) || ip.to_canonical() == observed.to_canonical())
+}
+
+/// Refuses a probe endpoint on a public address other than the caller's.
+fn own_probe(o: &ProbeOffer, observed: IpAddr) -> Result<()> {
+    let ip = o
+        .endpoint
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.ip())
+        .map_err(|_| ControlError::invalid("probe endpoint is not host:port"))?;
+    if is_local(ip) || ip.to_canonical() == observed.to_canonical() {
+        Ok(())
+    } else {
+        Err(ControlError::PermissionDenied(format!(
+            "probe endpoint {} is not this node's: the server sees it at {observed}",
+            o.endpoint
+        )))
+    }
 }
 
 impl Rendezvous {
@@ -142,15 +205,29 @@ impl Rendezvous {
 
     /// `RequestPunch`: tells the callee to open, waits for it, returns its
     /// candidates.
+    /// `observed` is the address the caller's request came from.
     pub async fn request(
         &self,
         registry: &Registry,
         ctx: &NodeCtx,
         req: &RequestPunchRequest,
+        observed: IpAddr,
     ) -> Result<RequestPunchResponse> {
         validate::addresses(&req.candidates)?;
         if let Some(o) = &req.probe {
             probe_offer(o)?;
+            own_probe(o, observed)?;
+        }
+        let foreign: Vec<&String> = req
+            .candidates
+            .iter()
+            .filter(|a| !a.contains("/p2p-circuit") && !own_address(a, observed))
+            .collect();
+        if !foreign.is_empty() && foreign.len() == req.candidates.len() {
+            return Err(ControlError::PermissionDenied(format!(
+                "candidates {foreign:?} are not this node's addresses (the server sees it at \
+                 {observed}); a punch goes to the caller's own addresses only"
+            )));
         }
         if req.peer_id.is_empty() {
             return Err(ControlError::invalid("peer_id is empty"));
@@ -168,7 +245,7 @@ impl Rendezvous {
         let instruction = PunchInstruction {
             punch_id: 0,
             peer_id: ctx.node_id.clone(),
-            peer_candidates: candidates(&req.candidates, &me.addresses),
+            peer_candidates: candidates(&req.candidates, &me.addresses, observed),
             peer_probe: req.probe.clone(),
             probe_secret,
         };
@@ -185,6 +262,17 @@ impl Rendezvous {
                 return Err(ControlError::Unavailable(
                     "too many punches waiting; retry later".into(),
                 ));
+            }
+            // One attempt per pair at a time: a member cannot make its peer
+            // send bursts of probes back to back.
+            if st.pending.values().any(|p| {
+                (p.caller == ctx.node_id && p.callee == req.peer_id)
+                    || (p.caller == req.peer_id && p.callee == ctx.node_id)
+            }) {
+                return Err(ControlError::Unavailable(format!(
+                    "a punch between this node and {} is under way; retry when it ends",
+                    req.peer_id
+                )));
             }
             let mailbox = st
                 .mailboxes
@@ -224,9 +312,9 @@ impl Rendezvous {
         };
         tracing::debug!(punch = id, caller = %ctx.node_id, callee = %req.peer_id, "punch: callee told to open");
         match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok((fresh, peer_probe))) => Ok(RequestPunchResponse {
+            Ok(Ok((fresh, callee_at, peer_probe))) => Ok(RequestPunchResponse {
                 punch_id: id,
-                peer_candidates: candidates(&fresh, &callee.addresses),
+                peer_candidates: candidates(&fresh, &callee.addresses, callee_at),
                 peer_probe,
                 probe_secret,
             }),
@@ -241,10 +329,12 @@ impl Rendezvous {
     }
 
     /// `PunchReady`: the callee's packets are out; release the caller.
-    pub fn ready(&self, ctx: &NodeCtx, req: &PunchReadyRequest) -> Result<()> {
+    /// `observed` is the address the callee's call came from.
+    pub fn ready(&self, ctx: &NodeCtx, req: &PunchReadyRequest, observed: IpAddr) -> Result<()> {
         validate::addresses(&req.candidates)?;
         if let Some(o) = &req.probe {
             probe_offer(o)?;
+            own_probe(o, observed)?;
         }
         let mut st = self.lock();
         match st.pending.get(&req.punch_id) {
@@ -264,7 +354,9 @@ impl Rendezvous {
         }
         let p = st.pending.remove(&req.punch_id).expect("checked above");
         // The caller may have given up a moment ago; nothing to do then.
-        let _ = p.reply.send((req.candidates.clone(), req.probe.clone()));
+        let _ = p
+            .reply
+            .send((req.candidates.clone(), observed, req.probe.clone()));
         Ok(())
     }
 }
@@ -305,12 +397,53 @@ mod tests {
             "/ip4/1.2.3.4/udp/1/quic-v1".to_string(),
             "/ip4/10.0.0.1/udp/3/quic-v1".to_string(),
         ];
+        let seen: IpAddr = "1.2.3.4".parse().unwrap();
         assert_eq!(
-            candidates(&fresh, &published),
+            candidates(&fresh, &published, seen),
             vec![
                 "/ip4/1.2.3.4/udp/1/quic-v1".to_string(),
                 "/ip4/10.0.0.1/udp/3/quic-v1".to_string()
             ]
         );
+    }
+
+    /// Local addresses pass (the server cannot see them); a public one
+    /// passes only where the server sees the member.
+    #[test]
+    fn only_own_or_local_addresses_are_candidates() {
+        let seen: IpAddr = "198.18.0.7".parse().unwrap();
+        for ok in [
+            "/ip4/198.18.0.7/udp/4000/quic-v1",
+            "/ip4/10.1.0.2/udp/4000/quic-v1",
+            "/ip4/192.168.1.2/udp/1/quic-v1",
+            "/ip4/100.64.0.9/udp/1/quic-v1",
+            "/ip4/127.0.0.1/udp/1/quic-v1",
+            "/ip6/fd00::1/udp/1/quic-v1",
+            "/ip6/fe80::1/udp/1/quic-v1",
+        ] {
+            assert!(own_address(ok, seen), "{ok} refused");
+        }
+        for bad in [
+            "/ip4/203.0.113.66/udp/4000/quic-v1",
+            "/ip4/8.8.8.8/udp/53/quic-v1",
+            "/ip6/2001:db8::1/udp/1/quic-v1",
+            "/dns4/example.com/udp/1/quic-v1",
+            "garbage",
+        ] {
+            assert!(!own_address(bad, seen), "{bad} taken");
+        }
+        // The server may see an IPv4 client as an IPv4-mapped IPv6 address.
+        let mapped: IpAddr = "::ffff:198.18.0.7".parse().unwrap();
+        assert!(own_address("/ip4/198.18.0.7/udp/1/quic-v1", mapped));
+        let offer = |endpoint: &str| ProbeOffer {
+            endpoint: endpoint.into(),
+            ..Default::default()
+        };
+        own_probe(&offer("198.18.0.7:5000"), seen).unwrap();
+        own_probe(&offer("10.0.0.2:5000"), seen).unwrap();
+        assert!(matches!(
+            own_probe(&offer("203.0.113.66:5000"), seen),
+            Err(ControlError::PermissionDenied(_))
+        ));
     }
 }

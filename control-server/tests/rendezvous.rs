@@ -13,9 +13,9 @@ use peermesh_proto::api::{
 };
 use tonic::Code;
 
-const A_OBSERVED: &str = "/ip4/198.51.100.1/udp/4000/quic-v1";
-const B_PUBLISHED: &str = "/ip4/203.0.113.7/udp/5000/quic-v1";
-const B_FRESH: &str = "/ip4/203.0.113.7/udp/5001/quic-v1";
+const A_OBSERVED: &str = "/ip4/127.0.0.1/udp/4000/quic-v1";
+const B_PUBLISHED: &str = "/ip4/10.0.0.7/udp/5000/quic-v1";
+const B_FRESH: &str = "/ip4/10.0.0.7/udp/5001/quic-v1";
 const CIRCUIT: &str = "/ip4/192.0.2.9/udp/4001/quic-v1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit";
 
 async fn watch(node: &mut Node, m: &Member) -> MapWatch {
@@ -243,10 +243,7 @@ async fn probe_offers_cross_over_with_one_secret() {
 
     for (bad, why) in [
         (offer("not an endpoint", "random"), "not host:port"),
-        (
-            offer("198.51.100.1:4000", "sideways"),
-            "unknown NAT mapping",
-        ),
+        (offer("127.0.0.1:4000", "sideways"), "unknown NAT mapping"),
     ] {
         assert_status(
             node.request_punch(bearer(
@@ -267,7 +264,7 @@ async fn probe_offers_cross_over_with_one_secret() {
         let mut node = node.clone();
         let cred = a.credential().to_string();
         let peer = b.node_id().to_string();
-        let probe = offer("198.51.100.1:4000", "random");
+        let probe = offer("127.0.0.1:4000", "random");
         tokio::spawn(async move {
             node.request_punch(bearer(
                 RequestPunchRequest {
@@ -283,14 +280,14 @@ async fn probe_offers_cross_over_with_one_secret() {
     let instruction = next_punch(&mut b_stream).await;
     assert_eq!(
         instruction.peer_probe,
-        Some(offer("198.51.100.1:4000", "random"))
+        Some(offer("127.0.0.1:4000", "random"))
     );
     assert_ne!(instruction.probe_secret, 0, "a secret is drawn");
     node.punch_ready(bearer(
         PunchReadyRequest {
             punch_id: instruction.punch_id,
             candidates: vec![],
-            probe: Some(offer("203.0.113.7:5000", "endpoint_independent")),
+            probe: Some(offer("10.0.0.7:5000", "endpoint_independent")),
         },
         b.credential(),
     ))
@@ -299,7 +296,7 @@ async fn probe_offers_cross_over_with_one_secret() {
     let answer = caller.await.unwrap().expect("punch answered").into_inner();
     assert_eq!(
         answer.peer_probe,
-        Some(offer("203.0.113.7:5000", "endpoint_independent"))
+        Some(offer("10.0.0.7:5000", "endpoint_independent"))
     );
     assert_eq!(answer.probe_secret, instruction.probe_secret);
 }
@@ -317,7 +314,7 @@ async fn a_probe_offer_may_be_declined_but_not_forced() {
     let b = join(&mut node, &token, "beta").await;
     let mut b_stream = watch(&mut node, &b).await;
     let offer = ProbeOffer {
-        endpoint: "198.51.100.1:4000".into(),
+        endpoint: "127.0.0.1:4000".into(),
         mapping: "endpoint_independent".into(),
         port_stride: 0,
         fallback: false,
@@ -374,4 +371,103 @@ async fn a_probe_offer_may_be_declined_but_not_forced() {
             caller.abort();
         }
     }
+}
+
+/// A member cannot turn its peer's punch on a third host: candidates and
+/// probe endpoints on public addresses other than where the server sees
+/// the caller are refused, and the callee is told nothing. And one attempt
+/// per pair at a time.
+#[tokio::test]
+async fn punches_go_only_to_the_callers_own_addresses_one_at_a_time() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let mut node = server.node().await;
+    create_group(&server, &mut admin, "lab").await;
+    let token = create_token(&server, &mut admin, "lab", 0, 0).await.token;
+    let a = join(&mut node, &token, "alpha").await;
+    let b = join(&mut node, &token, "beta").await;
+    let mut b_stream = watch(&mut node, &b).await;
+    const VICTIM: &str = "/ip4/203.0.113.66/udp/53/quic-v1";
+
+    let r = node
+        .request_punch(bearer(
+            RequestPunchRequest {
+                peer_id: b.node_id().to_string(),
+                candidates: vec![VICTIM.into()],
+                probe: None,
+            },
+            a.credential(),
+        ))
+        .await;
+    assert_status(r, Code::PermissionDenied, "not this node's addresses");
+    let r = node
+        .request_punch(bearer(
+            RequestPunchRequest {
+                peer_id: b.node_id().to_string(),
+                candidates: vec![],
+                probe: Some(ProbeOffer {
+                    endpoint: "203.0.113.66:53".into(),
+                    mapping: "random".into(),
+                    port_stride: 0,
+                    fallback: false,
+                }),
+            },
+            a.credential(),
+        ))
+        .await;
+    assert_status(r, Code::PermissionDenied, "not this node's");
+    // The callee heard of neither.
+    let quiet = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            let u = b_stream.message().await.expect("ok").expect("open");
+            if let Some(Kind::Punch(p)) = u.kind {
+                return p;
+            }
+        }
+    })
+    .await;
+    assert!(quiet.is_err(), "the callee was told: {quiet:?}");
+
+    // A foreign address beside the caller's own is dropped, not passed on.
+    let mut caller = node.clone();
+    let (b_id, a_cred) = (b.node_id().to_string(), a.credential().to_string());
+    let first = tokio::spawn(async move {
+        caller
+            .request_punch(bearer(
+                RequestPunchRequest {
+                    peer_id: b_id,
+                    candidates: vec![A_OBSERVED.into(), VICTIM.into()],
+                    probe: None,
+                },
+                &a_cred,
+            ))
+            .await
+    });
+    let instruction = next_punch(&mut b_stream).await;
+    assert_eq!(instruction.peer_candidates, vec![A_OBSERVED.to_string()]);
+    // While it waits for b, neither side may start another one.
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let r = node
+            .request_punch(bearer(
+                RequestPunchRequest {
+                    peer_id: to.node_id().to_string(),
+                    candidates: vec![],
+                    probe: None,
+                },
+                from.credential(),
+            ))
+            .await;
+        assert_status(r, Code::Unavailable, "under way");
+    }
+    node.punch_ready(bearer(
+        PunchReadyRequest {
+            punch_id: instruction.punch_id,
+            candidates: vec![],
+            probe: None,
+        },
+        b.credential(),
+    ))
+    .await
+    .expect("ready");
+    first.await.unwrap().expect("the first punch completes");
 }

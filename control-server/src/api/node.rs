@@ -257,9 +257,10 @@ impl NodeControl for NodeApi {
     ) -> Result<Response<RequestPunchResponse>, Status> {
         let ctx = self.ctx(&req)?;
         ratelimit::check(&self.rates.request_punch, &ctx.node_id)?;
+        let observed = conn(&req)?.remote.ip();
         Ok(Response::new(
             self.rendezvous
-                .request(&self.registry, &ctx, req.get_ref())
+                .request(&self.registry, &ctx, req.get_ref(), observed)
                 .await?,
         ))
     }
@@ -278,7 +279,8 @@ impl NodeControl for NodeApi {
         req: Request<PunchReadyRequest>,
     ) -> Result<Response<PunchReadyResponse>, Status> {
         let ctx = self.ctx(&req)?;
-        self.rendezvous.ready(&ctx, req.get_ref())?;
+        let observed = conn(&req)?.remote.ip();
+        self.rendezvous.ready(&ctx, req.get_ref(), observed)?;
         Ok(Response::new(PunchReadyResponse {}))
     }
 }
