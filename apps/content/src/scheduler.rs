@@ -37,8 +37,10 @@
 //!   the peer gets no request for a backoff that doubles with every strike
 //!   in a row ([`backoff`]); [`MAX_STRIKES`] in a row without a chunk
 //!   delivered, or [`MAX_FAILURES`] in all, and the peer is snubbed: refused
-//!   for the rest of the fetch. A peer backing off or refused does not keep
-//!   the origin from a chunk (its bitfield and claims count for nothing). A
+//!   for the rest of the fetch. A refused peer, or one backing off after a
+//!   whole [`PIPELINE`] of strikes in a row, does not keep the origin from a
+//!   chunk (its bitfield and claims count for nothing); a chunk turned down
+//!   `Busy` or timed out may come from the origin at once. A
 //!   claim holds the origin off for at most [`CLAIM_TTL`] from the first
 //!   time that peer claimed that chunk: claiming it again does not extend
 //!   it.
@@ -301,6 +303,14 @@ struct Health {
 impl Health {
     fn backing_off(&self, now: Instant) -> bool {
         self.not_until.is_some_and(|t| now < t)
+    }
+
+    /// Backing off after a whole pipeline of failures in a row: what it has
+    /// or claims no longer holds the origin off (one failure does not: a
+    /// good peer that turned one request down would hand the origin a share
+    /// of the fetch).
+    fn unreliable(&self, now: Instant) -> bool {
+        self.backing_off(now) && self.strikes >= PIPELINE as u32
     }
 
     fn describe(&self) -> String {
@@ -1128,11 +1138,11 @@ impl Scheduler {
             .filter(|(_, p)| p.bitfields.get(&content).is_some_and(|b| !b.is_full()))
             .map(|(_, p)| p.key)
             .collect();
-        // Who may deliver a chunk soon: a peer backing off after a strike
-        // does not hold the origin off.
+        // Who may deliver a chunk soon: a peer backing off after a whole
+        // pipeline of failures does not hold the origin off.
         let ready: Vec<&PeerView> = usable
             .iter()
-            .filter(|(id, _)| !f.health.get(id).is_some_and(|h| h.backing_off(now)))
+            .filter(|(id, _)| !f.health.get(id).is_some_and(|h| h.unreliable(now)))
             .map(|(_, p)| *p)
             .collect();
         let idle = now.saturating_duration_since(f.last_progress) > ORIGIN_IDLE
@@ -2348,6 +2358,35 @@ mod tests {
         assert_eq!(w.store_all(&stores), vec![Action::Assemble { content: id }]);
         let st = w.s.finish(&id).unwrap();
         assert_eq!((st.cached, st.from_origin), (2 * LEN, LEN));
+    }
+
+    #[test]
+    fn one_failure_keeps_the_origin_off_a_whole_pipeline_of_them_does_not() {
+        let a = node(1);
+        let m = manifest(30, 12);
+        let id = *m.id();
+        let mut w = World::new(node(0));
+        w.s.start(w.now, m.clone(), true, |_| false);
+        let _ = w.bitfield(a, id, bits(12, 0..12));
+        w.at(ORIGIN_GRACE.as_millis() as u64);
+        let reqs = requests(&w.schedule(false));
+        assert_eq!(reqs.len(), PIPELINE);
+        // One Busy: that chunk may come from the origin, a's others may not.
+        assert_eq!(
+            w.s.peer_reject(w.now, a, reqs[0].1, false),
+            Handled::CHANGED
+        );
+        let busy_chunk = index_of(&m, &reqs[0].2);
+        assert_eq!(origin_fetches(&w.schedule(false)), vec![busy_chunk]);
+        // The whole pipeline turned down: a no longer holds the origin off
+        // while it backs off.
+        for r in &reqs[1..] {
+            assert_eq!(w.s.peer_reject(w.now, a, r.1, false), Handled::CHANGED);
+        }
+        assert_eq!(
+            origin_fetches(&w.schedule(false)).len(),
+            ORIGIN_PARALLEL - 1
+        );
     }
 
     #[test]
