@@ -2006,21 +2006,17 @@ mod tests {
     /// Each peer's requests after the first come only once its backoff
     /// after the strikes before is over.
     fn assert_backed_off(times: &[Instant], rtt: Option<Duration>) {
-        // Requests go out in bursts (one scheduling pass fills the pipeline).
-        let mut strikes = 0u32;
-        let mut last: Option<Instant> = None;
-        for t in times {
-            if let Some(l) = last {
-                if *t != l {
-                    assert!(
-                        *t - l >= backoff(rtt, strikes),
-                        "asked again {:?} after {strikes} strikes",
-                        *t - l
-                    );
-                }
+        // Requests go out in bursts (one scheduling pass fills the pipeline);
+        // every request before one was a strike.
+        for (strikes, w) in times.windows(2).enumerate() {
+            let strikes = strikes as u32 + 1;
+            if w[1] != w[0] {
+                assert!(
+                    w[1] - w[0] >= backoff(rtt, strikes),
+                    "asked again {:?} after {strikes} strikes",
+                    w[1] - w[0]
+                );
             }
-            strikes += 1;
-            last = Some(*t);
         }
     }
 

@@ -408,6 +408,25 @@ mod tests {
             }
         }
 
+        /// What decodes passes the range check against a content of `chunks`
+        /// chunks exactly when every chunk it names is below `chunks`.
+        #[test]
+        fn range_checks_agree_with_the_indexes(m in arb_msg(), chunks in 0u32..6000) {
+            let ok = m.check_range(chunks).is_ok();
+            match &m {
+                Msg::Bitfield { chunks: n, bits, .. } => {
+                    let set = Bits::from_wire(*n, bits).unwrap();
+                    prop_assert_eq!(ok, *n == chunks);
+                    prop_assert_eq!(ok, set.check_len(chunks).is_ok());
+                }
+                Msg::Have { index, .. } | Msg::Claim { index, .. } => {
+                    prop_assert_eq!(ok, *index < chunks);
+                    prop_assert_eq!(ok, check_index(*index, chunks).is_ok());
+                }
+                _ => prop_assert!(ok),
+            }
+        }
+
         #[test]
         fn truncated_messages_are_refused(m in arb_msg(), cut in 1usize..40) {
             let wire = m.encode();
