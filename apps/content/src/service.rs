@@ -522,6 +522,9 @@ impl Service {
     /// in progress needs (see [`crate::store`]). The files go at once, here, so that no later
     /// write of the same chunk can race their removal.
     fn evict(&mut self) {
+        if self.store.limit().is_none_or(|l| self.store.bytes() <= l) {
+            return;
+        }
         let pinned: HashSet<Hash32> = self
             .fetches
             .values()
