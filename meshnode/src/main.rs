@@ -86,6 +86,11 @@ enum Command {
         /// --origin` overrides it).
         #[arg(long, value_name = "URL")]
         origin: Option<String>,
+        /// Size limit of the chunk cache (STATE/content/chunks), in bytes or with a unit:
+        /// 64MiB, 1.5GiB, 500MB, 4096. The least recently used chunks are evicted to keep
+        /// under it, never those of a fetch in progress. Default: no limit.
+        #[arg(long, value_name = "SIZE", value_parser = peermesh_content::parse_size)]
+        cache_size: Option<u64>,
         /// Also serve this message protocol to local programs (`recv
         /// --protocol NAME`), e.g. one an application that embeds an
         /// endpoint speaks; repeatable.
@@ -267,6 +272,7 @@ async fn main() -> ExitCode {
             tun_name,
             tun_mtu,
             origin,
+            cache_size,
             protocols,
             status_uids,
         } => {
@@ -288,7 +294,7 @@ async fn main() -> ExitCode {
                 name: tun_name,
                 mtu: tun_mtu,
             });
-            up(config, tun, origin, protocols, status_uids).await
+            up(config, tun, origin, cache_size, protocols, status_uids).await
         }
         Command::Relay {
             listen,
@@ -402,6 +408,7 @@ async fn up(
     config: EndpointConfig,
     tun: Option<peermesh_tun::TunConfig>,
     origin: Option<String>,
+    cache_size: Option<u64>,
     protocols: Vec<String>,
     status_uids: Vec<u32>,
 ) -> Result<()> {
@@ -437,7 +444,7 @@ async fn up(
         router = router.accept(peermesh_tun::protocol(), tun.handler(endpoint.clone()));
     }
     let (content, content_handler) = peermesh_content::spawn(
-        peermesh_content::ContentConfig::new(origin),
+        peermesh_content::ContentConfig::new(origin).with_cache_size(cache_size),
         endpoint.clone(),
     )
     .await?;

@@ -27,6 +27,8 @@ pub struct Bins {
     pub hosting_server: PathBuf,
     /// `examples/endpoint.rs`: an application that embeds an endpoint.
     pub example_endpoint: PathBuf,
+    /// `src/bin/content_adversary.rs`: a member that misbehaves on the content protocol.
+    pub content_adversary: PathBuf,
 }
 
 /// The target directory of the running executable (target/<profile>).
@@ -40,7 +42,8 @@ fn profile_dir() -> PathBuf {
 }
 
 impl Bins {
-    /// Builds `control-server`, `meshnode`, `hosting-server` and the examples in the profile
+    /// Builds `control-server`, `meshnode`, `hosting-server`, the examples and this crate's
+    /// programs (`content-adversary`) in the profile
     /// of the running test (a no-op when they are fresh) and returns their paths.
     pub fn get() -> &'static Bins {
         static BINS: OnceLock<Bins> = OnceLock::new();
@@ -82,6 +85,8 @@ impl Bins {
                 "peermesh-hosting-server",
                 "-p",
                 "peermesh-examples",
+                "-p",
+                "peermesh-tests",
                 "--bins",
             ]);
             if release {
@@ -94,6 +99,7 @@ impl Bins {
                 meshnode: dir.join("meshnode"),
                 hosting_server: dir.join("hosting-server"),
                 example_endpoint: dir.join("endpoint"),
+                content_adversary: dir.join("content-adversary"),
             }
         })
     }
@@ -414,6 +420,13 @@ impl Node {
     pub fn exit_code(&mut self) -> Option<i32> {
         let p = self.proc.as_mut()?;
         p.child.try_wait().ok()?.map(|s| s.code().unwrap_or(-1))
+    }
+
+    /// SIGKILL: the node gets no chance to finish a write or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
     }
 
     /// SIGTERM, then wait for the node to exit.

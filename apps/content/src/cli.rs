@@ -32,8 +32,13 @@ pub async fn get(socket: &Path, req: &GetRequest, bar: bool) -> Result<FetchRepo
         } else {
             100.0 * p.bytes_from_origin as f64 / moved as f64
         };
+        let refused = if p.peers_refused > 0 {
+            format!(" refused {}", p.peers_refused)
+        } else {
+            String::new()
+        };
         pb.set_message(format!(
-            "chunks {}/{} origin {share:.0}% peers active {}",
+            "chunks {}/{} origin {share:.0}% peers active {}{refused}",
             p.chunks_done, p.chunks, p.peers_active
         ));
     })
@@ -73,12 +78,25 @@ pub fn print_report(r: &FetchReport) {
     }
     for p in &r.refused {
         let who = if p.name.is_empty() { &p.id } else { &p.name };
-        println!("REFUSED  {who} ({}): {}", p.id, p.reason);
+        let what = if p.kind.is_snub() {
+            "SNUBBED "
+        } else {
+            "REFUSED "
+        };
+        println!("{what} {who} ({}) {}: {}", p.id, p.kind.as_str(), p.reason);
     }
     if r.bad_chunks > 0 || r.retried_requests > 0 {
         println!(
-            "bad chunks {}, requests retried {}",
-            r.bad_chunks, r.retried_requests
+            "bad chunks {}, requests retried {} ({} busy, {} timed out)",
+            r.bad_chunks, r.retried_requests, r.busy_answers, r.timed_out_requests
         );
     }
+    let limit = r.cache_limit.map_or("no limit".to_string(), |l| {
+        format!("limit {:.1} MiB", mib(l))
+    });
+    println!(
+        "cache    {:.1} MiB ({limit}; {} chunks evicted since the node started)",
+        mib(r.cache_bytes),
+        r.evicted_chunks
+    );
 }

@@ -10,7 +10,9 @@
 //! - [`wire`]: the peer protocol's messages, on [`PROTOCOL`].
 //! - [`scheduler`]: every fetch decision (which chunk from which peer, when the origin takes
 //!   over, who is refused), as a state machine without I/O.
-//! - [`store`]: the chunk cache under `STATE/content/` and the manifests it has seen.
+//! - [`store`]: the chunk cache under `STATE/content/` and the manifests it has seen:
+//!   crash-safe writes, every chunk checked against its hash when read, a size limit with
+//!   least-recently-used eviction (`meshnode up --cache-size`).
 //! - [`origin`]: the HTTP client of the origin.
 //! - [`service`]: the actor that runs it all on the endpoint's router (one task; one sender
 //!   task per peer).
@@ -51,3 +53,5 @@ pub mod wire;
 
 #[cfg(feature = "node")]
 pub use node::*;
+#[cfg(feature = "node")]
+pub use store::{parse_size, SizeError};

@@ -66,6 +66,9 @@ pub struct FetchProgress {
     pub bytes_from_peers: u64,
     /// Peers this node is fetching from right now.
     pub peers_active: usize,
+    /// Peers refused for the rest of the fetch so far.
+    #[serde(default)]
+    pub peers_refused: usize,
 }
 
 /// Bytes one peer delivered in a fetch.
@@ -77,11 +80,54 @@ pub struct PeerBytes {
     pub chunks: u32,
 }
 
-/// A peer refused for the rest of a fetch.
+/// Why a peer was refused for the rest of a fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalKind {
+    /// It sent a chunk that fails its hash.
+    BadChunk,
+    /// It named a chunk past the end of the content (a `Have`, a `Claim`,
+    /// or a bitfield of the wrong length).
+    OutOfRange,
+    /// Snubbed: its requests kept being answered `Busy`.
+    Busy,
+    /// Snubbed: its requests kept timing out (it claims chunks it does not
+    /// deliver).
+    Unresponsive,
+    /// Snubbed: its requests kept failing otherwise (`NotHere` for chunks it
+    /// claimed, data that does not fit).
+    Failing,
+}
+
+impl RefusalKind {
+    /// The name used in the JSON report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalKind::BadChunk => "bad_chunk",
+            RefusalKind::OutOfRange => "out_of_range",
+            RefusalKind::Busy => "busy",
+            RefusalKind::Unresponsive => "unresponsive",
+            RefusalKind::Failing => "failing",
+        }
+    }
+
+    /// Whether the peer was snubbed (for failing requests) rather than
+    /// refused for something it sent.
+    pub fn is_snub(self) -> bool {
+        matches!(
+            self,
+            RefusalKind::Busy | RefusalKind::Unresponsive | RefusalKind::Failing
+        )
+    }
+}
+
+/// A peer refused (for a bad chunk or an index past the end) or snubbed (for
+/// failing requests) for the rest of a fetch.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RefusedPeer {
     pub id: String,
     pub name: String,
+    pub kind: RefusalKind,
     pub reason: String,
 }
 
@@ -102,13 +148,29 @@ pub struct FetchReport {
     /// `bytes_from_origin / (bytes_from_origin + bytes_from_peers)` (0 when nothing moved).
     pub origin_share: f64,
     pub peers: Vec<PeerBytes>,
+    /// Every peer refused or snubbed for the rest of the fetch, with why.
     pub refused: Vec<RefusedPeer>,
     /// Chunks that failed their hash check (from peers or the origin).
     pub bad_chunks: u64,
     /// Peer requests that timed out or were turned down and went elsewhere.
     pub retried_requests: u64,
+    /// Of those, the ones answered `Busy`.
+    #[serde(default)]
+    pub busy_answers: u64,
+    /// Of those, the ones the peer sent nothing for in time.
+    #[serde(default)]
+    pub timed_out_requests: u64,
     /// Malformed or unexpected content messages from peers dropped so far (whole node).
     pub dropped_messages: u64,
+    /// Bytes in the chunk cache when the fetch ended (whole node).
+    #[serde(default)]
+    pub cache_bytes: u64,
+    /// The cache's size limit (`up --cache-size`), if any.
+    #[serde(default)]
+    pub cache_limit: Option<u64>,
+    /// Chunks evicted from the cache to keep it under its limit, since the node started.
+    #[serde(default)]
+    pub evicted_chunks: u64,
 }
 
 /// What the service is asked.
@@ -261,7 +323,12 @@ mod tests {
             refused: vec![],
             bad_chunks: 0,
             retried_requests: 0,
+            busy_answers: 0,
+            timed_out_requests: 0,
             dropped_messages: 0,
+            cache_bytes: 0,
+            cache_limit: None,
+            evicted_chunks: 0,
         }
     }
 

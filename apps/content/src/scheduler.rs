@@ -25,16 +25,35 @@
 //!   [`ORIGIN_IDLE`] with nothing in flight from peers takes the others'
 //!   share too. No origin request in the first [`ORIGIN_GRACE`] of a fetch
 //!   while the group has other members (their bitfields are on the way).
-//! - **Slow or failing**: a peer request that takes longer than
-//!   [`REQUEST_TIMEOUT`] is given up, and its chunk may then come from the
-//!   origin too; a `Busy`/`NotHere` answer frees the chunk at once
-//!   (`NotHere` also clears the peer's bit). Every given-up request counts
-//!   as retried. [`ORIGIN_ATTEMPTS`] failed origin requests for one chunk,
-//!   or no chunk stored for [`STALL_TIMEOUT`], fail the fetch.
-//! - **Bad chunks**: every chunk is checked against its BLAKE3 hash before
-//!   it is stored or counted. A peer that sends one bad chunk is refused for
-//!   the rest of the fetch (its bitfield, claims and requests are ignored,
-//!   its other requests given up) and listed in the report.
+//! - **Slow, silent or failing peers**: a peer request is given up when the
+//!   peer has sent nothing for it (nor data for any other request of ours)
+//!   for [`request_timeout`] (a few of the link's measured round trips plus
+//!   a slack, at most [`REQUEST_TIMEOUT`]), or when it is older than
+//!   [`REQUEST_TIMEOUT`]; its chunk may then come from the origin too. A
+//!   `Busy` or `NotHere` answer frees the chunk at once (`NotHere` also
+//!   clears the peer's bit). Every given-up request counts as retried.
+//! - **No peer can stall a fetch**: a timeout, `Busy`, `NotHere` or data out
+//!   of place is a strike against the peer in that fetch. After each strike
+//!   the peer gets no request for a backoff that doubles with every strike
+//!   in a row ([`backoff`]); [`MAX_STRIKES`] in a row without a chunk
+//!   delivered, or [`MAX_FAILURES`] in all, and the peer is snubbed: refused
+//!   for the rest of the fetch. A refused peer, or one backing off after a
+//!   whole [`PIPELINE`] of strikes in a row, does not keep the origin from a
+//!   chunk (its bitfield and claims count for nothing); a chunk turned down
+//!   `Busy` or timed out may come from the origin at once. A
+//!   claim holds the origin off for at most [`CLAIM_TTL`] from the first
+//!   time that peer claimed that chunk: claiming it again does not extend
+//!   it.
+//! - **Bad claims and bad chunks**: every chunk is checked against its
+//!   BLAKE3 hash before it is stored or counted, and every chunk index a
+//!   peer names (bitfield length, `Have`, `Claim`) against the manifest
+//!   ([`crate::wire::Msg::check_range`]). A peer that sends one bad chunk or
+//!   names one chunk past the end is refused for the rest of the fetch (its
+//!   bitfield, claims and requests are ignored, its other requests given
+//!   up). [`ORIGIN_ATTEMPTS`] failed origin requests for one chunk, or no
+//!   chunk stored for [`STALL_TIMEOUT`], fail the fetch.
+//! - Every refused peer is listed in the fetch's [`FetchStats::refused`]
+//!   with a [`RefusalKind`] and a reason, and so in the report.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -47,8 +66,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::manifest::{Hash32, Published};
-use crate::wire::{Bits, Msg};
-use crate::FetchProgress;
+use crate::wire::{check_index, Bits, Msg, RangeError};
+use crate::{FetchProgress, RefusalKind};
 
 /// Requests in flight to one peer (per fetch): enough to keep a link busy
 /// across a round trip (4 × 256 KiB chunks), few enough that a slow peer
@@ -61,11 +80,60 @@ pub const ORIGIN_PARALLEL: usize = 2;
 /// it; a claimer that died or stalls keeps the chunk from the others for at
 /// most this long.
 pub const CLAIM_TTL: Duration = Duration::from_secs(10);
-/// A peer request older than this is given up. A chunk takes well under a
-/// second on a live link; the margin covers a path switch (which can hold a
-/// link for seconds) without abandoning requests that would complete, and
-/// bounds how long a dead or hostile peer holds a chunk.
+/// A peer request older than this is given up, however much data the peer
+/// is sending: a chunk takes well under a second on a live link, and a peer
+/// that trickles data keeps a chunk from the origin for at most this long.
+/// Also the most [`request_timeout`] gives a silent peer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Round trips of the link that a peer may stay silent on a request (no
+/// piece of it, nor of any other request of ours) before it is given up:
+/// the peer serves our requests one after the other, so a piece of some
+/// request should come every round trip or so; eight leave room for a link
+/// that is briefly congested.
+pub const SILENCE_RTTS: u32 = 8;
+/// Added to [`SILENCE_RTTS`] round trips: a path switch can hold a link for
+/// a second or two, and a live peer may be reading a chunk from a slow disk.
+/// Small enough that a silent peer holds a chunk for seconds, not minutes.
+pub const SILENCE_SLACK: Duration = Duration::from_secs(2);
+/// The round trip assumed for a peer whose link has measured none yet: a
+/// relayed path across a continent (the slack dominates on loopback anyway).
+pub const DEFAULT_RTT: Duration = Duration::from_millis(250);
+/// Strikes in a row (timeouts, `Busy`, `NotHere`, data out of place) without
+/// a chunk delivered after which a peer is snubbed for the rest of the fetch:
+/// two full pipelines ([`PIPELINE`]) of failures, so a peer whose one burst of
+/// requests failed (a path switch, a moment of overload) gets another go.
+pub const MAX_STRIKES: u32 = 8;
+/// Failures in all (chunks delivered in between or not) after which a peer
+/// is snubbed for the rest of the fetch: a peer that delivers one chunk in
+/// every few only to fail the rest still costs a bounded number of retries.
+pub const MAX_FAILURES: u32 = 32;
+/// Shortest backoff after a strike: a peer that answers `Busy` at once is
+/// not asked again within the same scheduling pass (nor a few after).
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest backoff: a peer near [`MAX_STRIKES`] is asked again within
+/// seconds, so that snubbing it takes a bounded time.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How long a peer with round trip `rtt` (its link's measurement, or
+/// [`DEFAULT_RTT`]) may send nothing for a request of ours before it is
+/// given up: [`SILENCE_RTTS`] round trips plus [`SILENCE_SLACK`], at most
+/// [`REQUEST_TIMEOUT`].
+pub fn request_timeout(rtt: Option<Duration>) -> Duration {
+    let rtt = rtt.unwrap_or(DEFAULT_RTT);
+    (rtt.saturating_mul(SILENCE_RTTS) + SILENCE_SLACK).min(REQUEST_TIMEOUT)
+}
+
+/// How long a peer with round trip `rtt` gets no request after its
+/// `strikes`-th strike in a row: two round trips (at least [`BACKOFF_MIN`]),
+/// doubled for every strike before, at most [`BACKOFF_MAX`].
+pub fn backoff(rtt: Option<Duration>, strikes: u32) -> Duration {
+    let base = rtt
+        .unwrap_or(DEFAULT_RTT)
+        .saturating_mul(2)
+        .max(BACKOFF_MIN);
+    let doublings = strikes.saturating_sub(1).min(16);
+    base.saturating_mul(1 << doublings).min(BACKOFF_MAX)
+}
 /// A fetch with no chunk stored for this long fails: neither the peers
 /// (requests time out after [`REQUEST_TIMEOUT`]) nor the origin (its requests
 /// time out and are tried [`ORIGIN_ATTEMPTS`] times) are delivering, and the
@@ -123,10 +191,12 @@ pub enum Action {
     /// Every chunk of `content` is stored: write the file, then call
     /// [`Scheduler::finish`].
     Assemble { content: Hash32 },
-    /// `peer` sent a bad chunk and is refused for the rest of the fetch.
+    /// `peer` is refused for the rest of the fetch of `content` (a bad
+    /// chunk, a chunk index past the end, or snubbed for failing requests).
     Refused {
         peer: NodeId,
         content: Hash32,
+        kind: RefusalKind,
         reason: String,
     },
     /// The fetch failed (it is gone from the scheduler).
@@ -141,24 +211,36 @@ pub struct Handled {
     pub reschedule: bool,
     /// The message was malformed or unexpected (the actor counts it).
     pub dropped: Option<&'static str>,
+    /// The message was the first bitfield from this peer for its content
+    /// (the actor answers it with this node's own).
+    pub first_bitfield: bool,
 }
 
 impl Handled {
     const NOTHING: Self = Self {
         reschedule: false,
         dropped: None,
+        first_bitfield: false,
     };
     const CHANGED: Self = Self {
         reschedule: true,
         dropped: None,
+        first_bitfield: false,
     };
 
     fn dropped(why: &'static str) -> Self {
         Self {
-            reschedule: false,
             dropped: Some(why),
+            ..Self::NOTHING
         }
     }
+}
+
+/// Why a peer was refused for the rest of a fetch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    pub reason: String,
 }
 
 /// What one peer delivered in a fetch.
@@ -180,16 +262,77 @@ pub struct FetchStats {
     pub bad_chunks: u64,
     /// Peer requests given up (timed out, turned down, abandoned).
     pub retried: u64,
+    /// Peer requests answered `Busy`.
+    pub busy: u64,
+    /// Peer requests given up because the peer sent nothing in time.
+    pub timed_out: u64,
     /// Peers refused for the rest of the fetch, with why.
-    pub refused: BTreeMap<NodeId, String>,
+    pub refused: BTreeMap<NodeId, Refusal>,
+}
+
+/// Why a peer request did not complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    Busy,
+    NotHere,
+    /// Nothing from the peer for [`request_timeout`], or the request is
+    /// older than [`REQUEST_TIMEOUT`].
+    Timeout,
+    /// A piece that does not fit the chunk asked for.
+    OutOfPlace,
+    /// No fault of the peer's: it left, or it was refused for something
+    /// else.
+    Dropped,
+}
+
+/// How one peer has done in one fetch.
+#[derive(Clone, Debug, Default)]
+struct Health {
+    /// Failures since the last chunk it delivered.
+    strikes: u32,
+    /// Failures in the whole fetch.
+    failures: u32,
+    busy: u32,
+    not_here: u32,
+    timeouts: u32,
+    out_of_place: u32,
+    /// No request before this (backing off after a strike).
+    not_until: Option<Instant>,
+}
+
+impl Health {
+    fn backing_off(&self, now: Instant) -> bool {
+        self.not_until.is_some_and(|t| now < t)
+    }
+
+    /// Backing off after a whole pipeline of failures in a row: what it has
+    /// or claims no longer holds the origin off (one failure does not: a
+    /// good peer that turned one request down would hand the origin a share
+    /// of the fetch).
+    fn unreliable(&self, now: Instant) -> bool {
+        self.backing_off(now) && self.strikes >= PIPELINE as u32
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} requests failed ({} in a row with no chunk delivered): {} busy, {} timed out, {} not there, {} out of place",
+            self.failures, self.strikes, self.busy, self.timeouts, self.not_here, self.out_of_place
+        )
+    }
 }
 
 /// What this node knows of one peer.
 struct PeerView {
     bitfields: HashMap<Hash32, Bits>,
+    /// When the peer first claimed each chunk (claims again do not extend
+    /// it).
     claims: HashMap<Hash32, HashMap<u32, Instant>>,
     /// [`node_key`] of the peer.
     key: u64,
+    /// The link's round trip, as the node measures it.
+    rtt: Option<Duration>,
+    /// When a piece of data last came from the peer (for any request).
+    last_data: Option<Instant>,
 }
 
 struct Outstanding {
@@ -207,12 +350,15 @@ struct Fetch {
     has_origin: bool,
     state: Vec<ChunkState>,
     have: Bits,
+    /// Chunks that were in the cache when the fetch started.
+    from_cache: Bits,
     /// Chunks the origin may serve although a peer has or claims them (a
     /// peer was slow).
     origin_ok: Vec<bool>,
     origin_attempts: Vec<u32>,
     origin_inflight: usize,
     peer_inflight: HashMap<NodeId, usize>,
+    health: HashMap<NodeId, Health>,
     stats: FetchStats,
     last_progress: Instant,
     assembling: bool,
@@ -294,10 +440,12 @@ impl Scheduler {
             has_origin,
             state: vec![ChunkState::Missing; n],
             have: Bits::new(n as u32),
+            from_cache: Bits::new(n as u32),
             origin_ok: vec![false; n],
             origin_attempts: vec![0; n],
             origin_inflight: 0,
             peer_inflight: HashMap::new(),
+            health: HashMap::new(),
             stats: FetchStats {
                 started: now,
                 from_origin: 0,
@@ -305,6 +453,8 @@ impl Scheduler {
                 cached: 0,
                 bad_chunks: 0,
                 retried: 0,
+                busy: 0,
+                timed_out: 0,
                 refused: BTreeMap::new(),
             },
             last_progress: now,
@@ -314,6 +464,7 @@ impl Scheduler {
             if cached(h) {
                 f.state[i] = ChunkState::Done;
                 f.have.set(i as u32);
+                f.from_cache.set(i as u32);
                 f.stats.cached += u64::from(manifest.chunk_len(i as u32));
             }
         }
@@ -379,6 +530,7 @@ impl Scheduler {
             bytes_from_origin: f.stats.from_origin,
             bytes_from_peers: f.stats.from_peers.values().map(|d| d.bytes).sum(),
             peers_active: f.peer_inflight.values().filter(|n| **n > 0).count(),
+            peers_refused: f.stats.refused.len(),
         })
     }
 
@@ -404,17 +556,75 @@ impl Scheduler {
             bitfields: HashMap::new(),
             claims: HashMap::new(),
             key: node_key(&id),
+            rtt: None,
+            last_data: None,
         })
     }
 
-    /// `peer`'s bitfield for `content` (checked against the manifest by the
-    /// caller); true if it is the first from this peer for the content.
-    pub fn peer_bitfield(&mut self, peer: NodeId, content: Hash32, bits: Bits) -> bool {
-        self.peer(peer).bitfields.insert(content, bits).is_none()
+    /// The round trip of the link to `peer` as the node measures it (`None`:
+    /// not measured yet); it scales the peer's [`request_timeout`] and
+    /// [`backoff`].
+    pub fn peer_rtt(&mut self, peer: NodeId, rtt: Option<Duration>) {
+        self.peer(peer).rtt = rtt;
     }
 
-    /// `peer` stored chunk `index` of `content`.
-    pub fn peer_have(&mut self, peer: NodeId, content: Hash32, index: u32) -> Handled {
+    /// How long `peer` may stay silent on a request before it is given up.
+    pub fn request_timeout(&self, peer: &NodeId) -> Duration {
+        request_timeout(self.peers.get(peer).and_then(|p| p.rtt))
+    }
+
+    /// `peer` named a chunk that `content` does not have: refused for the
+    /// rest of its fetch (if it is being fetched), and the message dropped.
+    fn out_of_range(
+        &mut self,
+        now: Instant,
+        peer: NodeId,
+        content: Hash32,
+        e: RangeError,
+    ) -> Handled {
+        if self.fetches.contains_key(&content) {
+            self.refuse(now, content, peer, RefusalKind::OutOfRange, e.to_string());
+            Handled {
+                reschedule: true,
+                ..Handled::dropped("chunk index out of range")
+            }
+        } else {
+            Handled::dropped("chunk index out of range")
+        }
+    }
+
+    /// `peer`'s bitfield for `content`, a content of `chunks` chunks (its
+    /// manifest's count: a bitfield of another length is out of range).
+    pub fn peer_bitfield(
+        &mut self,
+        now: Instant,
+        peer: NodeId,
+        content: Hash32,
+        chunks: u32,
+        bits: Bits,
+    ) -> Handled {
+        if let Err(e) = bits.check_len(chunks) {
+            return self.out_of_range(now, peer, content, e);
+        }
+        let first = self.peer(peer).bitfields.insert(content, bits).is_none();
+        Handled {
+            first_bitfield: first,
+            ..Handled::CHANGED
+        }
+    }
+
+    /// `peer` stored chunk `index` of `content` (of `chunks` chunks).
+    pub fn peer_have(
+        &mut self,
+        now: Instant,
+        peer: NodeId,
+        content: Hash32,
+        chunks: u32,
+        index: u32,
+    ) -> Handled {
+        if let Err(e) = check_index(index, chunks) {
+            return self.out_of_range(now, peer, content, e);
+        }
         let p = self.peer(peer);
         match p.bitfields.get_mut(&content).map(|b| b.set(index)) {
             Some(true) => {
@@ -423,37 +633,57 @@ impl Scheduler {
                 }
                 Handled::CHANGED
             }
+            // Its bitfield was of another length (refused then).
             Some(false) => Handled::dropped("have out of range"),
             // No bitfield yet: the bitfield that comes will have it.
             None => Handled::NOTHING,
         }
     }
 
-    /// `peer` is fetching chunk `index` of `content` (known to this node)
-    /// from the origin.
-    pub fn peer_claim(&mut self, now: Instant, peer: NodeId, content: Hash32, index: u32) {
+    /// `peer` is fetching chunk `index` of `content` (of `chunks` chunks)
+    /// from the origin. Only its first claim of a chunk counts: claiming it
+    /// again does not hold the origin off for longer.
+    pub fn peer_claim(
+        &mut self,
+        now: Instant,
+        peer: NodeId,
+        content: Hash32,
+        chunks: u32,
+        index: u32,
+    ) -> Handled {
+        if let Err(e) = check_index(index, chunks) {
+            return self.out_of_range(now, peer, content, e);
+        }
         self.peer(peer)
             .claims
             .entry(content)
             .or_default()
-            .insert(index, now);
+            .entry(index)
+            .or_insert(now);
+        Handled::NOTHING
     }
 
     /// `peer` turned request `req` down (`not_here`: it does not have the
     /// chunk; else it is busy).
-    pub fn peer_reject(&mut self, peer: NodeId, req: u32, not_here: bool) -> Handled {
+    pub fn peer_reject(&mut self, now: Instant, peer: NodeId, req: u32, not_here: bool) -> Handled {
         if self.outstanding.get(&req).is_none_or(|o| o.peer != peer) {
             return Handled::dropped("reject for no request of ours");
         }
         let o = self.outstanding.remove(&req).expect("checked");
         tracing::debug!(%peer, index = o.index, not_here, "request turned down");
-        self.request_failed(&o, not_here);
+        let why = if not_here {
+            Failure::NotHere
+        } else {
+            Failure::Busy
+        };
+        self.give_up(now, &o, why);
         Handled::CHANGED
     }
 
     /// A piece of the chunk of request `req` from `peer`.
     pub fn peer_data(
         &mut self,
+        now: Instant,
         peer: NodeId,
         req: u32,
         offset: u32,
@@ -465,14 +695,16 @@ impl Scheduler {
         };
         if total != o.expected || offset as usize != o.buf.len() {
             let o = self.outstanding.remove(&req).expect("checked");
-            self.request_failed(&o, false);
+            self.give_up(now, &o, Failure::OutOfPlace);
             return Handled {
                 reschedule: true,
-                dropped: Some("data out of place"),
+                ..Handled::dropped("data out of place")
             };
         }
         o.buf.extend_from_slice(&bytes);
-        if o.buf.len() < total as usize {
+        let done = o.buf.len() >= total as usize;
+        self.peer(peer).last_data = Some(now);
+        if !done {
             return Handled::NOTHING;
         }
         let mut o = self.outstanding.remove(&req).expect("checked");
@@ -492,25 +724,10 @@ impl Scheduler {
                 f.state[i] = ChunkState::Missing;
             }
             let reason = format!("chunk {} failed its BLAKE3 check", o.index);
-            f.stats.refused.insert(peer, reason.clone());
-            self.actions.push_back(Action::Refused {
-                peer,
-                content,
-                reason,
-            });
-            // Its other requests for this fetch are abandoned.
-            let abandoned: Vec<u32> = self
-                .outstanding
-                .iter()
-                .filter(|(_, x)| x.peer == peer && x.content == content)
-                .map(|(r, _)| *r)
-                .collect();
-            for r in abandoned {
-                let x = self.outstanding.remove(&r).expect("listed");
-                self.request_failed(&x, false);
-            }
+            self.refuse(now, content, peer, RefusalKind::BadChunk, reason);
             return Handled::CHANGED;
         }
+        f.health.entry(peer).or_default().strikes = 0;
         let d = f.stats.from_peers.entry(peer).or_default();
         d.bytes += data.len() as u64;
         d.chunks += 1;
@@ -521,7 +738,7 @@ impl Scheduler {
 
     /// `peer` left the group: its requests are given up and what it had is
     /// forgotten.
-    pub fn peer_gone(&mut self, peer: NodeId) {
+    pub fn peer_gone(&mut self, now: Instant, peer: NodeId) {
         self.peers.remove(&peer);
         let reqs: Vec<u32> = self
             .outstanding
@@ -531,7 +748,7 @@ impl Scheduler {
             .collect();
         for r in reqs {
             let o = self.outstanding.remove(&r).expect("listed");
-            self.request_failed(&o, false);
+            self.give_up(now, &o, Failure::Dropped);
         }
     }
 
@@ -551,29 +768,108 @@ impl Scheduler {
         }
     }
 
+    /// Refuses `peer` for the rest of the fetch of `content` (once): its
+    /// bitfield and claims count for nothing there any more, and its other
+    /// requests of that fetch are given up.
+    fn refuse(
+        &mut self,
+        now: Instant,
+        content: Hash32,
+        peer: NodeId,
+        kind: RefusalKind,
+        reason: String,
+    ) {
+        let Some(f) = self.fetches.get_mut(&content) else {
+            return;
+        };
+        if f.stats.refused.contains_key(&peer) {
+            return;
+        }
+        f.stats.refused.insert(
+            peer,
+            Refusal {
+                kind,
+                reason: reason.clone(),
+            },
+        );
+        self.actions.push_back(Action::Refused {
+            peer,
+            content,
+            kind,
+            reason,
+        });
+        let abandoned: Vec<u32> = self
+            .outstanding
+            .iter()
+            .filter(|(_, x)| x.peer == peer && x.content == content)
+            .map(|(r, _)| *r)
+            .collect();
+        for r in abandoned {
+            let x = self.outstanding.remove(&r).expect("listed");
+            self.give_up(now, &x, Failure::Dropped);
+        }
+    }
+
     /// A request to a peer that will not complete: the chunk is up for
-    /// scheduling again.
-    fn request_failed(&mut self, o: &Outstanding, not_there: bool) {
+    /// scheduling again, and the peer takes a strike unless it was not its
+    /// fault (snubbed after too many).
+    fn give_up(&mut self, now: Instant, o: &Outstanding, why: Failure) {
         let Some(f) = self.fetches.get_mut(&o.content) else {
             return;
         };
         if let Some(n) = f.peer_inflight.get_mut(&o.peer) {
             *n = n.saturating_sub(1);
         }
-        if f.state[o.index as usize] == ChunkState::Peer(o.peer) {
-            f.state[o.index as usize] = ChunkState::Missing;
+        let i = o.index as usize;
+        if f.state[i] == ChunkState::Peer(o.peer) {
+            f.state[i] = ChunkState::Missing;
         }
         f.stats.retried += 1;
-        if not_there {
-            // The peer's bitfield was wrong (or it lost the chunk): forget it has it.
-            if let Some(b) = self
-                .peers
-                .get_mut(&o.peer)
-                .and_then(|p| p.bitfields.get_mut(&o.content))
-            {
-                b.clear(o.index);
+        let view = self.peers.get_mut(&o.peer);
+        let rtt = view.as_ref().and_then(|p| p.rtt);
+        match why {
+            Failure::Busy => {
+                f.stats.busy += 1;
+                // Its holders may all be busy: the origin may take it.
+                f.origin_ok[i] = true;
             }
+            Failure::Timeout => {
+                f.stats.timed_out += 1;
+                f.origin_ok[i] = true;
+            }
+            Failure::NotHere => {
+                // The peer's bitfield was wrong (or it lost the chunk): forget it has it.
+                if let Some(b) = view.and_then(|p| p.bitfields.get_mut(&o.content)) {
+                    b.clear(o.index);
+                }
+            }
+            Failure::OutOfPlace | Failure::Dropped => {}
         }
+        if why == Failure::Dropped {
+            return;
+        }
+        let h = f.health.entry(o.peer).or_default();
+        h.strikes += 1;
+        h.failures += 1;
+        match why {
+            Failure::Busy => h.busy += 1,
+            Failure::NotHere => h.not_here += 1,
+            Failure::Timeout => h.timeouts += 1,
+            Failure::OutOfPlace => h.out_of_place += 1,
+            Failure::Dropped => {}
+        }
+        h.not_until = Some(now + backoff(rtt, h.strikes));
+        if h.strikes < MAX_STRIKES && h.failures < MAX_FAILURES {
+            return;
+        }
+        let kind = match why {
+            Failure::Busy => RefusalKind::Busy,
+            Failure::Timeout => RefusalKind::Unresponsive,
+            _ => RefusalKind::Failing,
+        };
+        let reason = format!("snubbed: {}", h.describe());
+        tracing::info!(peer = %o.peer, %reason, "snubbing a peer for the rest of the fetch");
+        self.refuse(now, o.content, o.peer, kind, reason);
     }
 
     /// Peers that want `content` (their bitfield is not full): they get our
@@ -671,24 +967,53 @@ impl Scheduler {
         }
     }
 
+    /// A chunk the cache held is gone (found damaged and removed): every
+    /// fetch that counted it as done needs it again, and one that was
+    /// assembling goes back to fetching. False if no fetch needed it.
+    pub fn lost(&mut self, now: Instant, hash: Hash32) -> bool {
+        let mut any = false;
+        for f in self.fetches.values_mut() {
+            for (i, h) in f.manifest.chunks.iter().enumerate() {
+                if *h == hash && f.state[i] == ChunkState::Done {
+                    f.state[i] = ChunkState::Missing;
+                    f.have.clear(i as u32);
+                    if f.from_cache.get(i as u32) {
+                        f.from_cache.clear(i as u32);
+                        f.stats.cached -= u64::from(f.manifest.chunk_len(i as u32));
+                    }
+                    f.assembling = false;
+                    f.last_progress = now;
+                    any = true;
+                }
+            }
+        }
+        any
+    }
+
     // ----- time -----
 
-    /// Gives up peer requests older than [`REQUEST_TIMEOUT`] and fails
-    /// fetches stalled for [`STALL_TIMEOUT`].
+    /// Gives up peer requests on which their peer has been silent for its
+    /// [`request_timeout`] or that are older than [`REQUEST_TIMEOUT`], and
+    /// fails fetches stalled for [`STALL_TIMEOUT`].
     pub fn tick(&mut self, now: Instant) {
         let late: Vec<u32> = self
             .outstanding
             .iter()
-            .filter(|(_, o)| now.saturating_duration_since(o.sent) > REQUEST_TIMEOUT)
+            .filter(|(_, o)| {
+                let p = self.peers.get(&o.peer);
+                let heard = p
+                    .and_then(|p| p.last_data)
+                    .map_or(o.sent, |t| t.max(o.sent));
+                let silent = request_timeout(p.and_then(|p| p.rtt));
+                now.saturating_duration_since(heard) > silent
+                    || now.saturating_duration_since(o.sent) > REQUEST_TIMEOUT
+            })
             .map(|(r, _)| *r)
             .collect();
         for r in late {
             let o = self.outstanding.remove(&r).expect("listed");
             tracing::info!(peer = %o.peer, index = o.index, "peer request timed out; the chunk may now come from the origin");
-            if let Some(f) = self.fetches.get_mut(&o.content) {
-                f.origin_ok[o.index as usize] = true;
-            }
-            self.request_failed(&o, false);
+            self.give_up(now, &o, Failure::Timeout);
         }
         let stalled: Vec<(Hash32, String)> = self
             .fetches
@@ -727,11 +1052,13 @@ impl Scheduler {
         if f.assembling {
             return;
         }
-        // Usable holders: peers with a bitfield for it, not refused.
+        // Usable holders: peers with a bitfield for it, not refused, not
+        // backing off.
         let holders: Vec<(NodeId, &Bits)> = self
             .peers
             .iter()
             .filter(|(id, _)| !f.stats.refused.contains_key(id))
+            .filter(|(id, _)| !f.health.get(id).is_some_and(|h| h.backing_off(now)))
             .filter_map(|(id, p)| p.bitfields.get(&content).map(|b| (*id, b)))
             .collect();
         if holders.is_empty() {
@@ -800,17 +1127,23 @@ impl Scheduler {
         if now.saturating_duration_since(f.stats.started) < ORIGIN_GRACE && !alone {
             return;
         }
-        let usable: Vec<&PeerView> = self
+        let usable: Vec<(&NodeId, &PeerView)> = self
             .peers
             .iter()
             .filter(|(id, _)| !f.stats.refused.contains_key(id))
-            .map(|(_, p)| p)
             .collect();
         // The other fetchers of this content, for the origin share-out.
         let fetchers: Vec<u64> = usable
             .iter()
-            .filter(|p| p.bitfields.get(&content).is_some_and(|b| !b.is_full()))
-            .map(|p| p.key)
+            .filter(|(_, p)| p.bitfields.get(&content).is_some_and(|b| !b.is_full()))
+            .map(|(_, p)| p.key)
+            .collect();
+        // Who may deliver a chunk soon: a peer backing off after a whole
+        // pipeline of failures does not hold the origin off.
+        let ready: Vec<&PeerView> = usable
+            .iter()
+            .filter(|(id, _)| !f.health.get(id).is_some_and(|h| h.unreliable(now)))
+            .map(|(_, p)| *p)
             .collect();
         let idle = now.saturating_duration_since(f.last_progress) > ORIGIN_IDLE
             && f.peer_inflight.values().all(|n| *n == 0);
@@ -820,7 +1153,7 @@ impl Scheduler {
                 if f.origin_ok[*i as usize] {
                     return true;
                 }
-                let someone = usable.iter().any(|p| {
+                let someone = ready.iter().any(|p| {
                     p.bitfields.get(&content).is_some_and(|b| b.get(*i))
                         || p.claims
                             .get(&content)
@@ -868,8 +1201,11 @@ mod tests {
         NodeId::from_bytes(&[0, 36, 8, 1, 18, 32, k]).unwrap()
     }
 
+    /// Chunk `i` of the test content `content` (distinct for every `i`).
     fn chunk(content: u8, i: u32) -> Bytes {
-        Bytes::from(vec![content ^ (i as u8).wrapping_mul(7); LEN as usize])
+        let mut v = vec![content ^ (i as u8).wrapping_mul(7); LEN as usize];
+        v[4..8].copy_from_slice(&i.to_le_bytes());
+        Bytes::from(v)
     }
 
     /// A manifest of `n` chunks of [`LEN`] bytes, chunk `i` being [`chunk`]`(tag, i)`.
@@ -932,6 +1268,22 @@ mod tests {
             self.drain()
         }
 
+        /// `peer`'s bitfield, of the right length unless the test says otherwise.
+        fn bitfield(&mut self, peer: NodeId, content: Hash32, b: Bits) -> Handled {
+            let n = self.s.have(&content).map_or(b.len(), |h| h.len());
+            self.s.peer_bitfield(self.now, peer, content, n, b)
+        }
+
+        fn have(&mut self, peer: NodeId, content: Hash32, index: u32) -> Handled {
+            let n = self.s.have(&content).unwrap().len();
+            self.s.peer_have(self.now, peer, content, n, index)
+        }
+
+        fn claim(&mut self, peer: NodeId, content: Hash32, index: u32) -> Handled {
+            let n = self.s.have(&content).unwrap().len();
+            self.s.peer_claim(self.now, peer, content, n, index)
+        }
+
         /// Stores every `Store` in `actions` successfully; the actions that follow.
         fn store_all(&mut self, actions: &[Action]) -> Vec<Action> {
             for a in actions {
@@ -971,9 +1323,9 @@ mod tests {
     fn deliver(w: &mut World, peer: NodeId, req: u32, tag: u8, index: u32) -> Vec<Action> {
         let data = chunk(tag, index);
         let total = data.len() as u32;
-        let h = w.s.peer_data(peer, req, 0, total, data.slice(..3));
+        let h = w.s.peer_data(w.now, peer, req, 0, total, data.slice(..3));
         assert_eq!(h, Handled::NOTHING);
-        let h = w.s.peer_data(peer, req, 3, total, data.slice(3..));
+        let h = w.s.peer_data(w.now, peer, req, 3, total, data.slice(3..));
         assert_eq!(h, Handled::CHANGED);
         w.drain()
     }
@@ -986,8 +1338,8 @@ mod tests {
         let mut w = World::new(node(0));
         assert!(w.s.start(w.now, m.clone(), false, |_| false));
         // a has everything, b the first six: 6..9 are the rare ones.
-        let _ = w.s.peer_bitfield(a, id, bits(10, 0..10));
-        let _ = w.s.peer_bitfield(b, id, bits(10, 0..6));
+        let _ = w.bitfield(a, id, bits(10, 0..10));
+        let _ = w.bitfield(b, id, bits(10, 0..6));
         let actions = w.schedule(false);
         let reqs = requests(&actions);
         assert_eq!(reqs.len(), 2 * PIPELINE, "{actions:?}");
@@ -1029,7 +1381,7 @@ mod tests {
             // Chunk i is held by (i % 4) + 1 of the four peers.
             for p in 0..4u8 {
                 let have = (0..12).filter(|i| (i % 4) as u8 >= p);
-                let _ = s.peer_bitfield(node(10 + p), id, bits(12, have));
+                let _ = s.peer_bitfield(now, node(10 + p), id, 12, bits(12, have));
             }
             s.schedule(now, false);
             let order: Vec<usize> = std::iter::from_fn(|| s.poll_action())
@@ -1053,22 +1405,26 @@ mod tests {
         let id = *m.id();
         let mut w = World::new(node(0));
         w.s.start(w.now, m.clone(), false, |_| false);
-        let _ = w.s.peer_bitfield(a, id, bits(5, [0]));
+        let _ = w.bitfield(a, id, bits(5, [0]));
         let first = requests(&w.schedule(false));
         assert_eq!(first.len(), 1);
         assert_eq!(w.s.chunk_state(&id, 0), Some(ChunkState::Peer(a)));
         // A second later a has three more (its pipeline fills) and b has chunk 0.
         w.at(1000);
         for i in 1..4 {
-            assert_eq!(w.s.peer_have(a, id, i), Handled::CHANGED);
+            assert_eq!(w.have(a, id, i), Handled::CHANGED);
         }
-        let _ = w.s.peer_bitfield(b, id, bits(5, [0]));
+        let _ = w.bitfield(b, id, bits(5, [0]));
         assert_eq!(requests(&w.schedule(false)).len(), 3);
+        // a's link has measured no round trip: the default one scales its timeout.
+        let t = w.s.request_timeout(&a);
+        assert_eq!(t, DEFAULT_RTT * SILENCE_RTTS + SILENCE_SLACK);
+        let t = t.as_millis() as u64;
         // Just before the timeout nothing moves.
-        w.at(REQUEST_TIMEOUT.as_millis() as u64);
+        w.at(t);
         assert!(w.tick().is_empty());
         assert!(w.schedule(false).is_empty());
-        w.at(REQUEST_TIMEOUT.as_millis() as u64 + 1);
+        w.at(t + 1);
         assert!(w.tick().is_empty());
         assert_eq!(w.s.chunk_state(&id, 0), Some(ChunkState::Missing));
         assert_eq!(w.s.stats(&id).unwrap().retried, 1);
@@ -1076,7 +1432,8 @@ mod tests {
         assert_eq!(again.len(), 1);
         assert_eq!((again[0].0, index_of(&m, &again[0].2)), (b, 0));
         // The late answer of a is not taken.
-        let late = w.s.peer_data(a, first[0].1, 0, LEN as u32, chunk(3, 0));
+        let late =
+            w.s.peer_data(w.now, a, first[0].1, 0, LEN as u32, chunk(3, 0));
         assert_eq!(late.dropped, Some("data for no request of ours"));
     }
 
@@ -1087,16 +1444,16 @@ mod tests {
         let id = *m.id();
         let mut w = World::new(node(0));
         w.s.start(w.now, m.clone(), true, |_| false);
-        let _ = w.s.peer_bitfield(a, id, bits(9, [0]));
+        let _ = w.bitfield(a, id, bits(9, [0]));
         assert_eq!(requests(&w.schedule(false)).len(), 1);
         // Later: a has 1..3, b has 0 and 4..7 (both pipelines fill) and
         // claims 8, which nobody has yet.
         w.at(1000);
         for i in [1, 2, 3] {
-            let _ = w.s.peer_have(a, id, i);
+            let _ = w.have(a, id, i);
         }
-        let _ = w.s.peer_bitfield(b, id, bits(9, [0, 4, 5, 6, 7]));
-        w.s.peer_claim(w.now, b, id, 8);
+        let _ = w.bitfield(b, id, bits(9, [0, 4, 5, 6, 7]));
+        let _ = w.claim(b, id, 8);
         let actions = w.schedule(false);
         assert_eq!(requests(&actions).len(), 7);
         assert!(
@@ -1105,17 +1462,17 @@ mod tests {
         );
         // Then a has 8 too, but no room for it.
         w.at(1500);
-        assert_eq!(w.s.peer_have(a, id, 8), Handled::CHANGED);
+        assert_eq!(w.have(a, id, 8), Handled::CHANGED);
         assert!(w.schedule(false).is_empty());
         assert_eq!(w.s.chunk_state(&id, 8), Some(ChunkState::Missing));
-        // Chunk 0 times out at a: a's free slot goes to the rarer chunk 8,
-        // b is full, so chunk 0 goes to the origin although both have it.
-        w.at(REQUEST_TIMEOUT.as_millis() as u64 + 500);
+        // Chunk 0 times out at a (the others sent later have not yet): a
+        // backs off, b is full, so chunk 0 goes to the origin although both
+        // have it; chunk 8 waits for a (b's claim holds the origin off).
+        let t = w.s.request_timeout(&a).as_millis() as u64;
+        w.at(t + 500);
         w.tick();
         let actions = w.schedule(false);
-        let reqs = requests(&actions);
-        assert_eq!(reqs.len(), 1);
-        assert_eq!((reqs[0].0, index_of(&m, &reqs[0].2)), (a, 8));
+        assert!(requests(&actions).is_empty(), "{actions:?}");
         assert_eq!(origin_fetches(&actions), vec![0]);
         assert_eq!(w.s.chunk_state(&id, 0), Some(ChunkState::Origin));
         assert_eq!(w.s.origin_claims(&id), vec![0]);
@@ -1131,6 +1488,11 @@ mod tests {
             })
             .collect();
         assert_eq!(claims, BTreeSet::from([a, b]));
+        // Once a's backoff is over, its free slot goes to chunk 8.
+        w.at(t + 500 + backoff(None, 1).as_millis() as u64);
+        let reqs = requests(&w.schedule(false));
+        assert_eq!(reqs.len(), 1);
+        assert_eq!((reqs[0].0, index_of(&m, &reqs[0].2)), (a, 8));
     }
 
     /// Chunks each of `nodes` fetches from the origin when they all fetch
@@ -1141,7 +1503,7 @@ mod tests {
         let mut w = World::new(me);
         w.s.start(w.now, m.clone(), true, |_| false);
         for p in nodes.iter().filter(|p| **p != me) {
-            let _ = w.s.peer_bitfield(*p, id, Bits::new(n));
+            let _ = w.bitfield(*p, id, Bits::new(n));
         }
         w.at(ORIGIN_GRACE.as_millis() as u64);
         let mut got = BTreeSet::new();
@@ -1210,14 +1572,14 @@ mod tests {
         let id = *m.id();
         let mut w = World::new(me);
         w.s.start(w.now, m.clone(), true, |_| false);
-        let _ = w.s.peer_bitfield(other, id, Bits::new(40));
+        let _ = w.bitfield(other, id, Bits::new(40));
         let theirs: Vec<u32> = (0..40)
             .filter(|i| rank(node_key(&other), &id, *i) < rank(node_key(&me), &id, *i))
             .collect();
         assert!(!theirs.is_empty());
         // The other fetcher claims one of its chunks; the rest it never gets to.
         let claimed = theirs[0];
-        w.s.peer_claim(w.now, other, id, claimed);
+        let _ = w.claim(other, id, claimed);
         // Fetch my own share (no chunk comes in meanwhile from anyone).
         let mut t = ORIGIN_GRACE.as_millis() as u64;
         w.at(t);
@@ -1305,8 +1667,8 @@ mod tests {
         let mut w = World::new(node(0));
         w.s.start(w.now, m.clone(), true, |_| false);
         // Only `bad` has chunk 11.
-        let _ = w.s.peer_bitfield(bad, id, bits(12, 0..12));
-        let _ = w.s.peer_bitfield(good, id, bits(12, 0..11));
+        let _ = w.bitfield(bad, id, bits(12, 0..12));
+        let _ = w.bitfield(good, id, bits(12, 0..11));
         let reqs = requests(&w.schedule(false));
         let from_bad: Vec<(u32, u32)> = reqs
             .iter()
@@ -1318,7 +1680,8 @@ mod tests {
         let (req, index) = from_bad[0];
         let mut wrong = chunk(8, index).to_vec();
         wrong[0] ^= 0xff;
-        let h = w.s.peer_data(bad, req, 0, LEN as u32, Bytes::from(wrong));
+        let h =
+            w.s.peer_data(w.now, bad, req, 0, LEN as u32, Bytes::from(wrong));
         assert_eq!(h, Handled::CHANGED);
         let actions = w.drain();
         assert!(
@@ -1327,12 +1690,12 @@ mod tests {
         );
         let st = w.s.stats(&id).unwrap();
         assert_eq!((st.bad_chunks, st.retried), (1, PIPELINE as u64 - 1));
-        assert!(st.refused[&bad].contains("BLAKE3"));
+        assert!(st.refused[&bad].reason.contains("BLAKE3"));
         for (_, i) in &from_bad {
             assert_eq!(w.s.chunk_state(&id, *i), Some(ChunkState::Missing));
         }
         // Its claim on chunk 11 holds nothing off, and nothing more is asked of it.
-        w.s.peer_claim(w.now, bad, id, 11);
+        let _ = w.claim(bad, id, 11);
         let mut actions: Vec<Action> = reqs
             .iter()
             .filter(|r| r.0 == good)
@@ -1365,8 +1728,8 @@ mod tests {
         let cached = m.chunks[1];
         w.s.start(w.now, m.clone(), false, |h| *h == cached);
         assert_eq!(w.s.have(&id).unwrap().count(), 1);
-        let _ = w.s.peer_bitfield(seed, id, bits(3, 0..3));
-        let _ = w.s.peer_bitfield(leecher, id, Bits::new(3));
+        let _ = w.bitfield(seed, id, bits(3, 0..3));
+        let _ = w.bitfield(leecher, id, Bits::new(3));
         let reqs = requests(&w.schedule(false));
         assert_eq!(reqs.len(), 2);
         let mut assembled = 0;
@@ -1428,22 +1791,31 @@ mod tests {
         let id = *m.id();
         let mut w = World::new(node(0));
         w.s.start(w.now, m.clone(), false, |_| false);
-        let _ = w.s.peer_bitfield(a, id, bits(2, [0]));
+        let _ = w.bitfield(a, id, bits(2, [0]));
         let reqs = requests(&w.schedule(false));
         assert_eq!(
-            w.s.peer_reject(b, reqs[0].1, true).dropped,
+            w.s.peer_reject(w.now, b, reqs[0].1, true).dropped,
             Some("reject for no request of ours")
         );
-        // Busy: a keeps its bit and is asked again.
-        assert_eq!(w.s.peer_reject(a, reqs[0].1, false), Handled::CHANGED);
+        // Busy: a keeps its bit and is asked again once its backoff is over.
+        assert_eq!(
+            w.s.peer_reject(w.now, a, reqs[0].1, false),
+            Handled::CHANGED
+        );
+        assert!(w.schedule(false).is_empty(), "a backs off");
+        w.at(backoff(None, 1).as_millis() as u64);
         let again = requests(&w.schedule(false));
         assert_eq!(again.len(), 1);
         // Not here: a no longer counts as a holder; b does.
-        assert_eq!(w.s.peer_reject(a, again[0].1, true), Handled::CHANGED);
+        assert_eq!(
+            w.s.peer_reject(w.now, a, again[0].1, true),
+            Handled::CHANGED
+        );
         assert!(w.schedule(false).is_empty());
-        let _ = w.s.peer_bitfield(b, id, bits(2, [0]));
+        let _ = w.bitfield(b, id, bits(2, [0]));
         assert_eq!(requests(&w.schedule(false))[0].0, b);
-        assert_eq!(w.s.stats(&id).unwrap().retried, 2);
+        let st = w.s.stats(&id).unwrap();
+        assert_eq!((st.retried, st.busy), (2, 1));
     }
 
     #[test]
@@ -1453,19 +1825,22 @@ mod tests {
         let id = *m.id();
         let mut w = World::new(node(0));
         w.s.start(w.now, m.clone(), false, |_| false);
-        let _ = w.s.peer_bitfield(a, id, bits(1, [0]));
+        let _ = w.bitfield(a, id, bits(1, [0]));
         let r = requests(&w.schedule(false))[0].1;
-        let h = w.s.peer_data(a, r, 4, LEN as u32, chunk(12, 0).slice(..2));
+        let h =
+            w.s.peer_data(w.now, a, r, 4, LEN as u32, chunk(12, 0).slice(..2));
         assert_eq!(
             h,
             Handled {
                 reschedule: true,
-                dropped: Some("data out of place")
+                dropped: Some("data out of place"),
+                first_bitfield: false,
             }
         );
         assert_eq!(w.s.chunk_state(&id, 0), Some(ChunkState::Missing));
+        w.at(backoff(None, 1).as_millis() as u64);
         let r = requests(&w.schedule(false))[0].1;
-        let h = w.s.peer_data(a, r, 0, LEN as u32 + 1, chunk(12, 0));
+        let h = w.s.peer_data(w.now, a, r, 0, LEN as u32 + 1, chunk(12, 0));
         assert_eq!(h.dropped, Some("data out of place"));
         assert_eq!(w.s.stats(&id).unwrap().retried, 2);
     }
@@ -1477,7 +1852,7 @@ mod tests {
         let id = *m.id();
         let mut w = World::new(node(0));
         w.s.start(w.now, m.clone(), false, |_| false);
-        let _ = w.s.peer_bitfield(a, id, bits(1, [0]));
+        let _ = w.bitfield(a, id, bits(1, [0]));
         let r = requests(&w.schedule(false))[0].1;
         w.s.unsent(r);
         assert_eq!(w.s.chunk_state(&id, 0), Some(ChunkState::Missing));
@@ -1493,12 +1868,12 @@ mod tests {
         let id = *m.id();
         let mut w = World::new(node(0));
         w.s.start(w.now, m.clone(), false, |_| false);
-        let _ = w.s.peer_bitfield(a, id, bits(2, 0..2));
+        let _ = w.bitfield(a, id, bits(2, 0..2));
         assert_eq!(requests(&w.schedule(false)).len(), 2);
-        w.s.peer_gone(a);
+        w.s.peer_gone(w.now, a);
         assert_eq!(w.s.stats(&id).unwrap().retried, 2);
         assert!(w.schedule(false).is_empty(), "a's bitfield is forgotten");
-        let _ = w.s.peer_bitfield(b, id, bits(2, 0..2));
+        let _ = w.bitfield(b, id, bits(2, 0..2));
         assert!(requests(&w.schedule(false)).iter().all(|r| r.0 == b));
     }
 
@@ -1552,6 +1927,461 @@ mod tests {
         assert!(
             matches!(&actions[..], [Action::Failed { reason, .. }] if reason.contains("0 of 2 done; origin known")),
             "{actions:?}"
+        );
+    }
+
+    /// How a peer of [`run`] answers a request.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Answer {
+        Deliver,
+        Busy,
+        NotHere,
+        Silent,
+    }
+
+    /// What [`run`] saw.
+    struct Run {
+        /// When each peer was asked for a chunk.
+        asked: BTreeMap<NodeId, Vec<Instant>>,
+        /// When the fetch assembled.
+        done: Instant,
+    }
+
+    /// Runs the fetch of `m` (tag `tag`) to its end on a virtual clock in
+    /// 50 ms steps, ticking the scheduler each step: requests are answered
+    /// as `answer` says for their peer (the `n`-th request of that peer), the
+    /// origin delivers. Panics if the fetch fails or has not assembled within
+    /// two virtual minutes.
+    fn run(w: &mut World, m: &Published, tag: u8, answer: impl Fn(NodeId, usize) -> Answer) -> Run {
+        let mut asked: BTreeMap<NodeId, Vec<Instant>> = BTreeMap::new();
+        let mut actions = w.schedule(false);
+        for _ in 0..2400 {
+            let mut next = Vec::new();
+            for a in actions {
+                match a {
+                    // Given up already (its peer was refused in this batch).
+                    Action::Request { req, .. } if !w.s.outstanding.contains_key(&req) => {}
+                    Action::Request { peer, req, hash } => {
+                        let times = asked.entry(peer).or_default();
+                        times.push(w.now);
+                        let i = index_of(m, &hash);
+                        match answer(peer, times.len()) {
+                            Answer::Deliver => next.extend(deliver(w, peer, req, tag, i)),
+                            Answer::Busy => {
+                                assert_eq!(
+                                    w.s.peer_reject(w.now, peer, req, false),
+                                    Handled::CHANGED
+                                )
+                            }
+                            Answer::NotHere => {
+                                assert_eq!(
+                                    w.s.peer_reject(w.now, peer, req, true),
+                                    Handled::CHANGED
+                                )
+                            }
+                            Answer::Silent => {}
+                        }
+                    }
+                    Action::FetchOrigin { content, index, .. } => {
+                        assert!(w.s.origin_chunk(content, index, Ok(chunk(tag, index))));
+                        next.extend(w.drain());
+                    }
+                    Action::Store { hash, .. } => {
+                        w.s.stored(w.now, hash, true);
+                        next.extend(w.drain());
+                    }
+                    Action::Assemble { .. } => return Run { asked, done: w.now },
+                    Action::Failed { reason, .. } => panic!("{reason}"),
+                    Action::Send { .. } | Action::Refused { .. } => {}
+                }
+            }
+            w.now += Duration::from_millis(50);
+            next.extend(w.tick());
+            next.extend(w.schedule(false));
+            actions = next;
+        }
+        panic!("the fetch did not complete");
+    }
+
+    /// Each peer's requests after the first come only once its backoff
+    /// after the strikes before is over.
+    fn assert_backed_off(times: &[Instant], rtt: Option<Duration>) {
+        // Requests go out in bursts (one scheduling pass fills the pipeline);
+        // every request before one was a strike.
+        for (strikes, w) in times.windows(2).enumerate() {
+            let strikes = strikes as u32 + 1;
+            if w[1] != w[0] {
+                assert!(
+                    w[1] - w[0] >= backoff(rtt, strikes),
+                    "asked again {:?} after {strikes} strikes",
+                    w[1] - w[0]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_peer_that_claims_everything_and_answers_busy_is_snubbed() {
+        let (busy, good) = (node(1), node(2));
+        // Long enough (a second of requests to good) for busy to be asked
+        // again after its backoffs.
+        let m = manifest(20, 400);
+        let id = *m.id();
+        let mut w = World::new(node(0));
+        let rtt = Some(Duration::from_millis(1));
+        w.s.peer_rtt(busy, rtt);
+        w.s.start(w.now, m.clone(), false, |_| false);
+        // Both have everything.
+        let _ = w.bitfield(busy, id, bits(400, 0..400));
+        let _ = w.bitfield(good, id, bits(400, 0..400));
+        let r = run(&mut w, &m, 20, |p, _| {
+            if p == busy {
+                Answer::Busy
+            } else {
+                Answer::Deliver
+            }
+        });
+        // Asked exactly MAX_STRIKES times, never during a backoff.
+        let times = &r.asked[&busy];
+        assert_eq!(times.len(), MAX_STRIKES as usize);
+        assert_backed_off(times, rtt);
+        let st = w.s.finish(&id).unwrap();
+        assert_eq!(st.busy, u64::from(MAX_STRIKES));
+        assert_eq!(st.refused[&busy].kind, RefusalKind::Busy);
+        assert!(
+            st.refused[&busy].reason.contains("8 busy"),
+            "{:?}",
+            st.refused
+        );
+        assert!(!st.from_peers.contains_key(&busy));
+        // Everything came from good.
+        assert_eq!(st.from_peers[&good].bytes, 400 * LEN);
+        // Bounded: the snub took at most the backoffs before it (and a step each).
+        let bound: Duration = (1..MAX_STRIKES).map(|k| backoff(rtt, k)).sum::<Duration>()
+            + Duration::from_millis(50) * MAX_STRIKES;
+        assert!(times[times.len() - 1] - w.t0 <= bound);
+        assert!(r.done > times[times.len() - 1]);
+    }
+
+    #[test]
+    fn a_peer_that_claims_chunks_it_never_delivers_is_snubbed_after_timeouts_scaled_by_rtt() {
+        let (silent, good) = (node(1), node(2));
+        // Long enough (five seconds of requests to good) for two rounds of timeouts.
+        let m = manifest(21, 400);
+        let id = *m.id();
+        let mut w = World::new(node(0));
+        let rtt = Duration::from_millis(10);
+        w.s.peer_rtt(silent, Some(rtt));
+        w.s.start(w.now, m.clone(), false, |_| false);
+        let _ = w.bitfield(silent, id, bits(400, 0..400));
+        let _ = w.bitfield(good, id, bits(400, 0..400));
+        let timeout = w.s.request_timeout(&silent);
+        assert_eq!(timeout, rtt * SILENCE_RTTS + SILENCE_SLACK);
+        let r = run(&mut w, &m, 21, |p, _| {
+            if p == silent {
+                Answer::Silent
+            } else {
+                Answer::Deliver
+            }
+        });
+        let times = r.asked[&silent].clone();
+        assert_eq!(times.len(), MAX_STRIKES as usize);
+        // Every request waited out the timeout before the next went out.
+        let rounds: BTreeSet<Instant> = times.iter().copied().collect();
+        assert_eq!(rounds.len(), MAX_STRIKES as usize / PIPELINE);
+        let rounds: Vec<Instant> = rounds.into_iter().collect();
+        assert!(rounds[1] - rounds[0] > timeout);
+        let st = w.s.finish(&id).unwrap();
+        assert_eq!(st.timed_out, u64::from(MAX_STRIKES));
+        assert_eq!(st.refused[&silent].kind, RefusalKind::Unresponsive);
+        assert!(!st.from_peers.contains_key(&silent));
+        assert_eq!(st.from_peers[&good].bytes, 400 * LEN);
+        // The longer the round trip, the longer the wait; never past the cap.
+        assert_eq!(
+            request_timeout(Some(Duration::from_secs(1))),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            request_timeout(Some(Duration::from_secs(5))),
+            REQUEST_TIMEOUT
+        );
+        assert!(request_timeout(None) > request_timeout(Some(rtt)));
+    }
+
+    #[test]
+    fn a_request_is_given_up_after_the_silence_timeout_not_before() {
+        let a = node(1);
+        let m = manifest(22, 2);
+        let id = *m.id();
+        let mut w = World::new(node(0));
+        w.s.peer_rtt(a, Some(Duration::from_millis(100)));
+        w.s.start(w.now, m.clone(), false, |_| false);
+        let _ = w.bitfield(a, id, bits(2, 0..2));
+        let reqs = requests(&w.schedule(false));
+        assert_eq!(reqs.len(), 2);
+        let t = w.s.request_timeout(&a);
+        assert_eq!(t, Duration::from_millis(2800));
+        // A piece of the first chunk a second in keeps both alive (a is
+        // sending, the second waits behind the first) past the timeout from
+        // the start...
+        w.at(1000);
+        let first = reqs.iter().find(|r| index_of(&m, &r.2) == 0).unwrap().1;
+        assert_eq!(
+            w.s.peer_data(w.now, a, first, 0, LEN as u32, chunk(22, 0).slice(..1)),
+            Handled::NOTHING
+        );
+        w.at(t.as_millis() as u64 + 500);
+        assert!(w.tick().is_empty());
+        assert_eq!(w.s.stats(&id).unwrap().timed_out, 0);
+        // ...but not past the timeout from that piece.
+        w.at(1000 + t.as_millis() as u64 + 1);
+        w.tick();
+        let st = w.s.stats(&id).unwrap();
+        assert_eq!((st.timed_out, st.retried), (2, 2));
+    }
+
+    #[test]
+    fn a_peer_that_trickles_is_given_up_at_the_request_cap() {
+        let a = node(1);
+        let m = manifest(23, 1);
+        let id = *m.id();
+        let mut w = World::new(node(0));
+        w.s.peer_rtt(a, Some(Duration::from_millis(100)));
+        w.s.start(w.now, m.clone(), false, |_| false);
+        let _ = w.bitfield(a, id, bits(1, [0]));
+        let r = requests(&w.schedule(false))[0].1;
+        // One byte every 2.5 s: never silent for its timeout (2.8 s).
+        assert_eq!(w.s.request_timeout(&a), Duration::from_millis(2800));
+        let data = chunk(23, 0);
+        let mut t = 0;
+        for k in 0..(LEN as usize - 1) {
+            t += 2500;
+            w.at(t);
+            assert!(w.tick().is_empty());
+            assert_eq!(w.s.stats(&id).unwrap().timed_out, 0, "at {t} ms");
+            let h =
+                w.s.peer_data(w.now, a, r, k as u32, LEN as u32, data.slice(k..k + 1));
+            assert_eq!(h, Handled::NOTHING);
+        }
+        // 7 bytes in 17.5 s, the last one not yet: given up at the cap.
+        w.at(REQUEST_TIMEOUT.as_millis() as u64);
+        w.tick();
+        assert_eq!(w.s.stats(&id).unwrap().timed_out, 0);
+        w.at(REQUEST_TIMEOUT.as_millis() as u64 + 1);
+        w.tick();
+        assert_eq!(w.s.stats(&id).unwrap().timed_out, 1);
+        assert_eq!(w.s.chunk_state(&id, 0), Some(ChunkState::Missing));
+    }
+
+    #[test]
+    fn a_peer_that_claims_chunks_it_does_not_have_is_snubbed() {
+        let (liar, good) = (node(1), node(2));
+        let m = manifest(24, 16);
+        let id = *m.id();
+        let mut w = World::new(node(0));
+        w.s.start(w.now, m.clone(), true, |_| false);
+        let _ = w.bitfield(liar, id, bits(16, 0..16));
+        let _ = w.bitfield(good, id, bits(16, 0..16));
+        run(&mut w, &m, 24, |p, _| {
+            if p == liar {
+                Answer::NotHere
+            } else {
+                Answer::Deliver
+            }
+        });
+        let st = w.s.finish(&id).unwrap();
+        assert!(!st.from_peers.contains_key(&liar));
+        assert_eq!(st.from_peers[&good].bytes, 16 * LEN);
+        // Every NotHere cleared a bit, so the liar ran out of chunks to be
+        // asked for or was snubbed; either way it failed at most MAX_STRIKES.
+        if let Some(r) = st.refused.get(&liar) {
+            assert_eq!(r.kind, RefusalKind::Failing);
+        }
+        assert!(st.retried <= u64::from(MAX_STRIKES));
+        assert!(st.retried >= 1);
+    }
+
+    #[test]
+    fn a_peer_that_is_busy_now_and_then_is_not_snubbed_but_failures_are_bounded() {
+        let (flaky, good) = (node(1), node(2));
+        let m = manifest(25, 40);
+        let id = *m.id();
+        let mut w = World::new(node(0));
+        w.s.start(w.now, m.clone(), false, |_| false);
+        let _ = w.bitfield(flaky, id, bits(40, 0..40));
+        let _ = w.bitfield(good, id, bits(40, 0..40));
+        // Every other request of flaky's is answered Busy: never MAX_STRIKES in a row.
+        let r = run(&mut w, &m, 25, |p, n| {
+            if p == flaky && n % 2 == 0 {
+                Answer::Busy
+            } else {
+                Answer::Deliver
+            }
+        });
+        let st = w.s.finish(&id).unwrap();
+        assert!(st.refused.is_empty(), "{:?}", st.refused);
+        assert!(st.from_peers[&flaky].chunks > 0);
+        assert!(r.asked[&flaky].len() > 2);
+        // Three out of four Busy: MAX_FAILURES in all snub it even so.
+        let m = manifest(26, 2000);
+        let id = *m.id();
+        let mut w = World::new(node(0));
+        w.s.peer_rtt(flaky, Some(Duration::from_millis(1)));
+        w.s.start(w.now, m.clone(), false, |_| false);
+        let _ = w.bitfield(flaky, id, bits(2000, 0..2000));
+        let _ = w.bitfield(good, id, bits(2000, 0..2000));
+        run(&mut w, &m, 26, |p, n| {
+            if p == flaky && n % 4 != 0 {
+                Answer::Busy
+            } else {
+                Answer::Deliver
+            }
+        });
+        let st = w.s.finish(&id).unwrap();
+        assert_eq!(st.refused[&flaky].kind, RefusalKind::Busy);
+        assert_eq!(st.busy, u64::from(MAX_FAILURES));
+    }
+
+    #[test]
+    fn chunk_indexes_past_the_end_refuse_the_peer_for_the_fetch() {
+        let (have, claim, long, short, good) = (node(1), node(2), node(3), node(4), node(5));
+        let m = manifest(27, 10);
+        let id = *m.id();
+        let mut w = World::new(node(0));
+        // Not fetching yet: dropped, nobody refused (there is no fetch).
+        let h = w.s.peer_have(w.now, have, id, 10, 10);
+        assert_eq!(h.dropped, Some("chunk index out of range"));
+        assert!(w.drain().is_empty());
+        w.s.start(w.now, m.clone(), true, |_| false);
+        let _ = w.bitfield(good, id, bits(10, 0..10));
+        // `have` had a good bitfield (and requests in flight) first.
+        let _ = w.bitfield(have, id, bits(10, 0..10));
+        let reqs = requests(&w.schedule(false));
+        assert!(reqs.iter().any(|r| r.0 == have));
+        let out = [
+            (have, w.s.peer_have(w.now, have, id, 10, 10)),
+            (claim, w.s.peer_claim(w.now, claim, id, 10, u32::MAX)),
+            (
+                long,
+                w.s.peer_bitfield(w.now, long, id, 10, bits(18, 0..18)),
+            ),
+            (
+                short,
+                w.s.peer_bitfield(w.now, short, id, 10, bits(9, 0..9)),
+            ),
+        ];
+        for (p, h) in out {
+            assert_eq!(h.dropped, Some("chunk index out of range"), "{p}");
+            assert!(h.reschedule && !h.first_bitfield);
+        }
+        let refused: Vec<(NodeId, RefusalKind)> = w
+            .drain()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Refused { peer, kind, .. } => Some((peer, kind)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            refused,
+            [have, claim, long, short]
+                .map(|p| (p, RefusalKind::OutOfRange))
+                .to_vec()
+        );
+        let st = w.s.stats(&id).unwrap();
+        assert!(st.refused[&have].reason.contains("index 10 past the end"));
+        assert!(st.refused[&long].reason.contains("bitfield of 18 chunks"));
+        // `have`'s requests were given up (no strike, no fault counted twice).
+        assert_eq!(
+            st.retried as usize,
+            reqs.iter().filter(|r| r.0 == have).count()
+        );
+        // Refused peers are asked for nothing more, and the fetch completes.
+        for (p, req, h) in reqs.iter().filter(|r| r.0 == good) {
+            let stores = deliver(&mut w, *p, *req, 27, index_of(&m, h));
+            w.store_all(&stores);
+        }
+        let r = run(&mut w, &m, 27, |p, _| {
+            assert_eq!(p, good, "a refused peer was asked");
+            Answer::Deliver
+        });
+        assert_eq!(r.asked.keys().copied().collect::<Vec<_>>(), vec![good]);
+        // The wrong claim was not stored (nothing to hold the origin off).
+        assert!(w
+            .s
+            .peers
+            .get(&claim)
+            .is_none_or(|p| p.claims.get(&id).is_none_or(|c| c.is_empty())));
+    }
+
+    #[test]
+    fn claiming_a_chunk_again_does_not_hold_the_origin_off_for_longer() {
+        let (me, other) = (node(1), node(2));
+        let m = manifest(28, 1);
+        let id = *m.id();
+        let mut w = World::new(me);
+        w.s.start(w.now, m.clone(), true, |_| false);
+        let _ = w.bitfield(other, id, Bits::new(1));
+        let _ = w.claim(other, id, 0);
+        // Idle and past the grace period: only the claim holds the origin off.
+        w.at(ORIGIN_IDLE.as_millis() as u64 + 1);
+        assert!(origin_fetches(&w.schedule(false)).is_empty());
+        // The same claim again, and again: no longer.
+        w.at(CLAIM_TTL.as_millis() as u64 / 2);
+        let _ = w.claim(other, id, 0);
+        w.at(CLAIM_TTL.as_millis() as u64 - 1);
+        let _ = w.claim(other, id, 0);
+        assert!(origin_fetches(&w.schedule(false)).is_empty());
+        w.at(CLAIM_TTL.as_millis() as u64 + 1);
+        assert_eq!(origin_fetches(&w.schedule(false)), vec![0]);
+    }
+
+    #[test]
+    fn a_lost_chunk_is_fetched_again() {
+        let m = manifest(29, 3);
+        let id = *m.id();
+        let mut w = World::new(node(0));
+        w.s.start(w.now, m.clone(), true, |_| true);
+        assert_eq!(w.drain(), vec![Action::Assemble { content: id }]);
+        // The cache's copy of chunk 1 turns out damaged while assembling.
+        assert!(w.s.lost(w.now, m.chunks[1]));
+        assert!(!w.s.lost(w.now, [9; 32]));
+        assert_eq!(w.s.chunk_state(&id, 1), Some(ChunkState::Missing));
+        assert_eq!(w.s.stats(&id).unwrap().cached, 2 * LEN);
+        assert_eq!(origin_fetches(&w.schedule(true)), vec![1]);
+        assert!(w.s.origin_chunk(id, 1, Ok(chunk(29, 1))));
+        let stores = w.drain();
+        assert_eq!(w.store_all(&stores), vec![Action::Assemble { content: id }]);
+        let st = w.s.finish(&id).unwrap();
+        assert_eq!((st.cached, st.from_origin), (2 * LEN, LEN));
+    }
+
+    #[test]
+    fn one_failure_keeps_the_origin_off_a_whole_pipeline_of_them_does_not() {
+        let a = node(1);
+        let m = manifest(30, 12);
+        let id = *m.id();
+        let mut w = World::new(node(0));
+        w.s.start(w.now, m.clone(), true, |_| false);
+        let _ = w.bitfield(a, id, bits(12, 0..12));
+        w.at(ORIGIN_GRACE.as_millis() as u64);
+        let reqs = requests(&w.schedule(false));
+        assert_eq!(reqs.len(), PIPELINE);
+        // One Busy: that chunk may come from the origin, a's others may not.
+        assert_eq!(
+            w.s.peer_reject(w.now, a, reqs[0].1, false),
+            Handled::CHANGED
+        );
+        let busy_chunk = index_of(&m, &reqs[0].2);
+        assert_eq!(origin_fetches(&w.schedule(false)), vec![busy_chunk]);
+        // The whole pipeline turned down: a no longer holds the origin off
+        // while it backs off.
+        for r in &reqs[1..] {
+            assert_eq!(w.s.peer_reject(w.now, a, r.1, false), Handled::CHANGED);
+        }
+        assert_eq!(
+            origin_fetches(&w.schedule(false)).len(),
+            ORIGIN_PARALLEL - 1
         );
     }
 

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::manifest::{parse_hash, Hash32, Published};
 use crate::origin::Origin;
 use crate::scheduler::{Action, FetchStats, Handled, Scheduler};
-use crate::store::{Store, StorePaths};
+use crate::store::{Read, Store, StorePaths};
 use crate::wire::{self, Bits, Msg, RejectReason};
 use crate::{
     protocol, Command, ContentError, ContentHandle, FetchProgress, FetchReport, GetRequest,
@@ -68,18 +68,28 @@ const LINK_DRAIN_POLL: Duration = Duration::from_millis(1);
 pub struct ContentConfig {
     /// The origin's URL for fetches that name none (`up --origin`).
     pub origin: Option<String>,
+    /// The chunk cache's size limit in bytes (`up --cache-size`); `None`: no limit. See
+    /// [`crate::store`] for the eviction.
+    pub cache_size: Option<u64>,
     /// The [`CORRUPT_ENV`] test hook: every chunk served to peers has a byte flipped.
     pub corrupt_chunks: bool,
 }
 
 impl ContentConfig {
-    /// `origin`, and the test hook from the environment ([`CORRUPT_ENV`]`=1`), read here,
-    /// once, when the node starts.
+    /// `origin`, no cache limit, and the test hook from the environment
+    /// ([`CORRUPT_ENV`]`=1`), read here, once, when the node starts.
     pub fn new(origin: Option<String>) -> Self {
         Self {
             origin,
+            cache_size: None,
             corrupt_chunks: std::env::var(CORRUPT_ENV).is_ok_and(|v| v == "1"),
         }
+    }
+
+    /// With a cache size limit in bytes.
+    pub fn with_cache_size(mut self, limit: Option<u64>) -> Self {
+        self.cache_size = limit;
+        self
     }
 }
 
@@ -92,9 +102,17 @@ pub async fn spawn(
 ) -> Result<(ContentHandle, ContentHandler), ContentError> {
     let default_origin = config.origin.as_deref().map(Origin::new).transpose()?;
     let dir = endpoint.state_dir().to_path_buf();
-    let (store, manifests) = tokio::task::spawn_blocking(move || Store::open(&dir))
+    let limit = config.cache_size;
+    let (store, manifests, opened) = tokio::task::spawn_blocking(move || Store::open(&dir, limit))
         .await
         .map_err(|e| ContentError::Fetch(format!("opening the cache: {e}")))??;
+    if !opened.damaged.is_empty() || opened.temporaries > 0 {
+        tracing::warn!(
+            damaged = opened.damaged.len(),
+            unfinished = opened.temporaries,
+            "the chunk cache had damaged chunks or unfinished writes (a crash?); removed, they will be fetched again"
+        );
+    }
     if config.corrupt_chunks {
         tracing::warn!("TEST HOOK {CORRUPT_ENV}: this node corrupts every chunk it serves");
     }
@@ -154,7 +172,9 @@ enum Event {
     /// A manifest was resolved for a `get`.
     Manifest(Box<ManifestReady>),
     /// A checked chunk reached the disk (or failed to).
-    Stored { hash: Hash32, ok: bool },
+    Stored { hash: Hash32, len: u64, ok: bool },
+    /// A chunk read from the cache did not match its hash; its file is removed.
+    Damaged { hash: Hash32 },
     OriginChunk {
         content: Hash32,
         index: u32,
@@ -164,7 +184,7 @@ enum Event {
     Served { peer: NodeId },
     Assembled {
         content: Hash32,
-        result: Result<String, String>,
+        result: Result<String, AssembleError>,
     },
 }
 
@@ -292,11 +312,12 @@ impl Service {
                 Action::Refused {
                     peer,
                     content,
+                    kind,
                     reason,
                 } => {
                     let name = self.peer_name(&peer);
-                    tracing::warn!(%peer, %name, content = %hex::encode(content), %reason,
-                        "peer sent a chunk that fails its hash; refusing it for the rest of this fetch");
+                    tracing::warn!(%peer, %name, content = %hex::encode(content), kind = kind.as_str(),
+                        %reason, "refusing a peer for the rest of this fetch");
                 }
                 Action::Failed { content, reason } => {
                     if let Some(f) = self.fetches.remove(&content) {
@@ -404,46 +425,50 @@ impl Service {
             self.drop_msg(peer, "malformed");
             return false;
         };
+        let now = Instant::now();
         match msg {
             Msg::Bitfield {
                 content,
                 chunks,
                 bits,
             } => {
-                let Some(m) = self.manifests.get(&content) else {
+                let Some(count) = self.manifests.get(&content).map(|m| m.count()) else {
                     // A content this node never fetched; it learns the peer's bits
                     // when it starts that fetch and asks.
                     return false;
                 };
-                let Some(b) = (m.count() == chunks)
-                    .then(|| Bits::from_wire(chunks, &bits))
-                    .flatten()
-                else {
-                    self.drop_msg(peer, "bitfield of the wrong size");
+                let Some(b) = Bits::from_wire(chunks, &bits) else {
+                    self.drop_msg(peer, "malformed bitfield");
                     return false;
                 };
-                let first = self.sched.peer_bitfield(peer, content, b);
+                self.peer(peer);
+                let h = self.sched.peer_bitfield(now, peer, content, count, b);
                 // Answer the first bitfield of a peer for this content even if ours went
                 // out before: it may have come while the peer did not know the content yet.
-                if first || !self.peer(peer).sent_bitfield.contains(&content) {
+                if h.dropped.is_none()
+                    && (h.first_bitfield || !self.peer(peer).sent_bitfield.contains(&content))
+                {
                     self.send_bitfield(peer, content);
                 }
-                true
-            }
-            Msg::Have { content, index } => {
-                self.peer(peer);
-                let h = self.sched.peer_have(peer, content, index);
                 self.handled(peer, h)
             }
-            Msg::Claim { content, index } => {
-                if self.manifests.contains_key(&content) {
-                    self.peer(peer);
-                    self.sched.peer_claim(Instant::now(), peer, content, index);
-                }
-                false
+            Msg::Have { content, index } | Msg::Claim { content, index } => {
+                let Some(count) = self.manifests.get(&content).map(|m| m.count()) else {
+                    return false;
+                };
+                self.peer(peer);
+                let h = if matches!(msg, Msg::Have { .. }) {
+                    self.sched.peer_have(now, peer, content, count, index)
+                } else {
+                    self.sched.peer_claim(now, peer, content, count, index)
+                };
+                self.handled(peer, h)
             }
             Msg::Request { req, hash } => {
                 let has = self.store.has(&hash);
+                if has {
+                    self.store.touch(&hash);
+                }
                 let p = self.peer(peer);
                 let reason = if !has {
                     Some(RejectReason::NotHere)
@@ -463,7 +488,7 @@ impl Service {
             Msg::Reject { req, reason } => {
                 let h = self
                     .sched
-                    .peer_reject(peer, req, reason == RejectReason::NotHere);
+                    .peer_reject(now, peer, req, reason == RejectReason::NotHere);
                 self.handled(peer, h)
             }
             Msg::Data {
@@ -472,7 +497,7 @@ impl Service {
                 total,
                 bytes,
             } => {
-                let h = self.sched.peer_data(peer, req, offset, total, bytes);
+                let h = self.sched.peer_data(now, peer, req, offset, total, bytes);
                 self.handled(peer, h)
             }
         }
@@ -481,15 +506,48 @@ impl Service {
     fn store_chunk(&mut self, hash: Hash32, data: Bytes) {
         let (paths, events) = (self.paths.clone(), self.events.clone());
         tokio::spawn(async move {
-            let ok = match paths.write(&hash, &data).await {
+            let len = data.len() as u64;
+            let ok = match paths.write(&hash, data).await {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::warn!(error = %e, "writing a chunk to the cache");
                     false
                 }
             };
-            let _ = events.send(Event::Stored { hash, ok }).await;
+            let _ = events.send(Event::Stored { hash, len, ok }).await;
         });
+    }
+
+    /// Keeps the cache under its limit: removes the least recently used chunks that no fetch
+    /// in progress needs (see [`crate::store`]). The files go at once, here, so that no later
+    /// write of the same chunk can race their removal.
+    fn evict(&mut self) {
+        if self.store.limit().is_none_or(|l| self.store.bytes() <= l) {
+            return;
+        }
+        let pinned: HashSet<Hash32> = self
+            .fetches
+            .values()
+            .flat_map(|f| f.manifest.chunks.iter().copied())
+            .collect();
+        let victims = self.store.evict(|h| pinned.contains(h));
+        if victims.is_empty() {
+            return;
+        }
+        for h in &victims {
+            if let Err(e) = self.paths.remove(h) {
+                tracing::warn!(error = %e, "removing an evicted chunk");
+            }
+        }
+        tracing::debug!(evicted = victims.len(), bytes = self.store.bytes(), limit = ?self.store.limit(), "cache eviction");
+    }
+
+    /// A chunk in the cache turned out damaged (its file is gone): forget it; a fetch that
+    /// counted on it fetches it again.
+    fn damaged(&mut self, hash: Hash32) -> bool {
+        self.store.forget(&hash);
+        let _ = self.paths.remove(&hash);
+        self.sched.lost(Instant::now(), hash)
     }
 
     // ----- events -----
@@ -512,15 +570,17 @@ impl Service {
                 }
                 true
             }
-            Event::Stored { hash, ok } => {
+            Event::Stored { hash, len, ok } => {
                 if ok {
-                    self.store.insert(hash);
+                    self.store.insert(hash, len);
                 }
                 self.sched.stored(Instant::now(), hash, ok);
                 self.perform();
+                self.evict();
                 self.publish_all();
                 true
             }
+            Event::Damaged { hash } => self.damaged(hash),
             Event::OriginChunk {
                 content,
                 index,
@@ -536,19 +596,52 @@ impl Service {
                 }
                 false
             }
-            Event::Assembled { content, result } => {
-                let stats = self.sched.finish(&content);
-                if let (Some(f), Some(stats)) = (self.fetches.remove(&content), stats) {
-                    let report = result.map(|file_hash| self.report(&f, &stats, file_hash));
-                    if let Ok(r) = &report {
-                        tracing::info!(content = %r.content, seconds = r.seconds,
-                            from_origin = r.bytes_from_origin, from_peers = r.bytes_from_peers,
-                            refused = r.refused.len(), "fetch done");
-                    }
-                    let _ = f.reply.send(report);
+            Event::Assembled {
+                content,
+                result: Err(AssembleError::Damaged(lost)),
+            } => {
+                // Chunks that went bad in the cache: fetched again, then assembled again.
+                tracing::warn!(content = %hex::encode(content), chunks = lost.len(),
+                    "chunks in the cache were damaged; fetching them again");
+                let mut again = false;
+                for h in lost {
+                    again |= self.damaged(h);
                 }
+                if !again {
+                    self.finish(content, Err("the cache lost chunks of the file".into()));
+                }
+                true
+            }
+            Event::Assembled {
+                content,
+                result: Err(AssembleError::Failed(e)),
+            } => {
+                self.finish(content, Err(e));
                 false
             }
+            Event::Assembled {
+                content,
+                result: Ok(file_hash),
+            } => {
+                self.finish(content, Ok(file_hash));
+                false
+            }
+        }
+    }
+
+    /// The fetch of `content` is over: its report (or error) goes to its `get`, and the cache
+    /// may let go of its chunks.
+    fn finish(&mut self, content: Hash32, result: Result<String, String>) {
+        let stats = self.sched.finish(&content);
+        if let (Some(f), Some(stats)) = (self.fetches.remove(&content), stats) {
+            self.evict();
+            let report = result.map(|file_hash| self.report(&f, &stats, file_hash));
+            if let Ok(r) = &report {
+                tracing::info!(content = %r.content, seconds = r.seconds,
+                    from_origin = r.bytes_from_origin, from_peers = r.bytes_from_peers,
+                    refused = r.refused.len(), cache_bytes = r.cache_bytes, "fetch done");
+            }
+            let _ = f.reply.send(report);
         }
     }
 
@@ -601,15 +694,21 @@ impl Service {
             refused: st
                 .refused
                 .iter()
-                .map(|(id, reason)| RefusedPeer {
+                .map(|(id, r)| RefusedPeer {
                     id: id.to_string(),
                     name: self.peer_name(id),
-                    reason: reason.clone(),
+                    kind: r.kind,
+                    reason: r.reason.clone(),
                 })
                 .collect(),
             bad_chunks: st.bad_chunks,
             retried_requests: st.retried,
+            busy_answers: st.busy,
+            timed_out_requests: st.timed_out,
             dropped_messages: self.dropped,
+            cache_bytes: self.store.bytes(),
+            cache_limit: self.store.limit(),
+            evicted_chunks: self.store.evicted(),
         }
     }
 
@@ -723,6 +822,10 @@ impl Service {
                 reply,
             },
         );
+        // The chunks it has cached are in use again (the last to be evicted).
+        for h in &m.chunks {
+            self.store.touch(h);
+        }
         let cached = self.sched.have(&id).map_or(0, |b| b.count());
         tracing::info!(content = %m.id_hex(), name = %m.name, size = m.size,
             chunks = m.count(), cached, "fetch started");
@@ -738,6 +841,24 @@ impl Service {
     // ----- time -----
 
     fn on_tick(&mut self) {
+        let now = Instant::now();
+        // The links' round trips scale the scheduler's timeouts.
+        let rtts: Vec<(NodeId, Option<Duration>)> = self
+            .status
+            .borrow()
+            .peers
+            .iter()
+            .map(|p| {
+                let rtt = p
+                    .rtt_ms
+                    .filter(|ms| ms.is_finite() && *ms >= 0.0)
+                    .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+                (p.id, rtt)
+            })
+            .collect();
+        for (id, rtt) in rtts {
+            self.sched.peer_rtt(id, rtt);
+        }
         // Members that came or went.
         let members: HashSet<NodeId> = self.members().into_iter().collect();
         for (id, p) in self.peers.iter_mut() {
@@ -751,7 +872,7 @@ impl Service {
             .collect();
         for p in gone {
             self.peers.remove(&p);
-            self.sched.peer_gone(p);
+            self.sched.peer_gone(now, p);
         }
         // Bitfields not sent yet (a member that joined, a queue that was full).
         for content in self.sched.fetching() {
@@ -765,10 +886,18 @@ impl Service {
                 }
             }
         }
-        self.sched.tick(Instant::now());
+        self.sched.tick(now);
         self.perform();
         self.publish_all();
     }
+}
+
+/// Why a fetch's file could not be written.
+#[derive(Debug)]
+enum AssembleError {
+    /// These chunks were damaged in the cache (their files are removed): fetch them again.
+    Damaged(Vec<Hash32>),
+    Failed(String),
 }
 
 /// Writes the file from the cache, checking every chunk again and the whole-file hash.
@@ -776,36 +905,47 @@ async fn write_output(
     m: &Published,
     out: &std::path::Path,
     paths: &StorePaths,
-) -> Result<String, String> {
+) -> Result<String, AssembleError> {
     use tokio::io::AsyncWriteExt;
     let tmp = out.with_extension(format!("part{}", rand::random::<u32>()));
+    let failed = AssembleError::Failed;
     let res = async {
         let mut file = tokio::fs::File::create(&tmp)
             .await
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+            .map_err(|e| failed(format!("{}: {e}", tmp.display())))?;
         let mut whole = blake3::Hasher::new();
+        let mut lost = Vec::new();
         for (i, h) in m.chunks.iter().enumerate() {
-            let data = paths
-                .read(h)
-                .await
-                .map_err(|e| format!("reading chunk {i} from the cache: {e}"))?;
-            if blake3::hash(&data).as_bytes() != h {
-                return Err(format!("chunk {i} in the cache is damaged"));
+            let data = match paths.read_checked(h).await {
+                Ok(Read::Good(d)) => d,
+                Ok(Read::Damaged | Read::Missing) => {
+                    lost.push(*h);
+                    continue;
+                }
+                Err(e) => return Err(failed(format!("reading chunk {i} from the cache: {e}"))),
+            };
+            if !lost.is_empty() {
+                continue;
             }
             whole.update(&data);
             file.write_all(&data)
                 .await
-                .map_err(|e| format!("{}: {e}", tmp.display()))?;
+                .map_err(|e| failed(format!("{}: {e}", tmp.display())))?;
         }
-        file.flush().await.map_err(|e| e.to_string())?;
-        file.sync_all().await.map_err(|e| e.to_string())?;
+        if !lost.is_empty() {
+            return Err(AssembleError::Damaged(lost));
+        }
+        file.flush().await.map_err(|e| failed(e.to_string()))?;
+        file.sync_all().await.map_err(|e| failed(e.to_string()))?;
         let got = whole.finalize();
         if got.as_bytes() != &m.file_hash {
-            return Err("the assembled file does not match the manifest's file hash".into());
+            return Err(failed(
+                "the assembled file does not match the manifest's file hash".into(),
+            ));
         }
         tokio::fs::rename(&tmp, out)
             .await
-            .map_err(|e| format!("{}: {e}", out.display()))?;
+            .map_err(|e| failed(format!("{}: {e}", out.display())))?;
         Ok(got.to_hex().to_string())
     }
     .await;
@@ -866,8 +1006,13 @@ async fn peer_sender(
             },
         };
         if let Some(l) = ensure_link(peer, &sender, &mut link).await {
-            match paths.read(&hash).await {
-                Ok(data) => {
+            // Checked against its hash on every read: a chunk damaged on disk is never served.
+            let read = paths.read_checked(&hash).await;
+            if let Ok(Read::Damaged) = read {
+                let _ = events.send(Event::Damaged { hash }).await;
+            }
+            match read {
+                Ok(Read::Good(data)) => {
                     let data = if corrupt {
                         let mut d = data.to_vec();
                         if let Some(b) = d.first_mut() {
@@ -902,8 +1047,8 @@ async fn peer_sender(
                         }
                     }
                 }
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "chunk to serve is gone");
+                other => {
+                    tracing::debug!(%peer, read = ?other, "chunk to serve is gone or damaged");
                     let m = Msg::Reject {
                         req,
                         reason: RejectReason::NotHere,

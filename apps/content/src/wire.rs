@@ -20,6 +20,11 @@
 //!
 //! [`decode`] never panics: anything short, long, of an unknown type or with inconsistent
 //! lengths is `None`, and the caller drops and counts it.
+//!
+//! A message that decodes can still name chunks that its content does not have (an index
+//! past the end, a bitfield of another length): only the content's manifest knows how many
+//! chunks there are. [`Msg::check_range`] checks that against the manifest's count; the
+//! scheduler refuses a peer whose message fails it for the rest of that fetch.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -71,11 +76,42 @@ pub enum Msg {
     },
 }
 
+/// A message names chunks that its content does not have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    #[error("a bitfield of {got} chunks for a content of {chunks}")]
+    BitfieldSize { got: u32, chunks: u32 },
+    #[error("chunk index {index} past the end (the content has {chunks} chunks)")]
+    PastEnd { index: u32, chunks: u32 },
+}
+
+/// `index` names a chunk of a content of `chunks` chunks.
+pub fn check_index(index: u32, chunks: u32) -> Result<(), RangeError> {
+    if index < chunks {
+        Ok(())
+    } else {
+        Err(RangeError::PastEnd { index, chunks })
+    }
+}
+
 fn bitfield_len(chunks: u32) -> usize {
     (chunks as usize).div_ceil(8)
 }
 
 impl Msg {
+    /// Checks the chunks this message names against a content of `chunks` chunks (its
+    /// manifest's count): a `Have` or `Claim` index must be below it and a `Bitfield` must
+    /// have exactly that many bits. Messages that name no chunk of a content pass.
+    pub fn check_range(&self, chunks: u32) -> Result<(), RangeError> {
+        match self {
+            Msg::Bitfield { chunks: got, .. } if *got != chunks => {
+                Err(RangeError::BitfieldSize { got: *got, chunks })
+            }
+            Msg::Have { index, .. } | Msg::Claim { index, .. } => check_index(*index, chunks),
+            _ => Ok(()),
+        }
+    }
+
     pub fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(64);
         match self {
@@ -290,6 +326,18 @@ impl Bits {
         }
     }
 
+    /// The set is of a content of `chunks` chunks.
+    pub fn check_len(&self, chunks: u32) -> Result<(), RangeError> {
+        if self.n == chunks {
+            Ok(())
+        } else {
+            Err(RangeError::BitfieldSize {
+                got: self.n,
+                chunks,
+            })
+        }
+    }
+
     pub fn to_msg(&self, content: Hash32) -> Msg {
         Msg::Bitfield {
             content,
@@ -360,6 +408,25 @@ mod tests {
             }
         }
 
+        /// What decodes passes the range check against a content of `chunks`
+        /// chunks exactly when every chunk it names is below `chunks`.
+        #[test]
+        fn range_checks_agree_with_the_indexes(m in arb_msg(), chunks in 0u32..6000) {
+            let ok = m.check_range(chunks).is_ok();
+            match &m {
+                Msg::Bitfield { chunks: n, bits, .. } => {
+                    let set = Bits::from_wire(*n, bits).unwrap();
+                    prop_assert_eq!(ok, *n == chunks);
+                    prop_assert_eq!(ok, set.check_len(chunks).is_ok());
+                }
+                Msg::Have { index, .. } | Msg::Claim { index, .. } => {
+                    prop_assert_eq!(ok, *index < chunks);
+                    prop_assert_eq!(ok, check_index(*index, chunks).is_ok());
+                }
+                _ => prop_assert!(ok),
+            }
+        }
+
         #[test]
         fn truncated_messages_are_refused(m in arb_msg(), cut in 1usize..40) {
             let wire = m.encode();
@@ -400,6 +467,40 @@ mod tests {
         assert!(decode(&Bytes::from(b.clone())).is_some());
         b.push(3);
         assert!(decode(&Bytes::from(b)).is_none());
+    }
+
+    #[test]
+    fn chunk_indexes_are_checked_against_the_manifest() {
+        let c = [7; 32];
+        let have = |index| Msg::Have { content: c, index };
+        let claim = |index| Msg::Claim { content: c, index };
+        assert_eq!(have(9).check_range(10), Ok(()));
+        assert_eq!(
+            have(10).check_range(10),
+            Err(RangeError::PastEnd {
+                index: 10,
+                chunks: 10
+            })
+        );
+        assert!(claim(u32::MAX).check_range(10).is_err());
+        assert!(
+            claim(0).check_range(0).is_err(),
+            "an empty content has no chunk 0"
+        );
+        let bits = Bits::new(16);
+        assert_eq!(bits.to_msg(c).check_range(16), Ok(()));
+        assert_eq!(
+            bits.to_msg(c).check_range(10),
+            Err(RangeError::BitfieldSize {
+                got: 16,
+                chunks: 10
+            })
+        );
+        assert_eq!(bits.check_len(16), Ok(()));
+        assert!(bits.check_len(17).is_err());
+        // Requests, data and rejects name no chunk index.
+        let r = Msg::Request { req: 1, hash: c };
+        assert_eq!(r.check_range(0), Ok(()));
     }
 
     #[test]

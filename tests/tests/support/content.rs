@@ -109,14 +109,27 @@ impl Drop for Get {
 
 impl Get {
     pub fn spawn(node: &peermesh_tests::Node, id: &str, output: PathBuf) -> Result<Self> {
-        let child = Command::new(&Bins::get().meshnode)
-            .arg("get")
+        Self::spawn_with(node, id, output, true)
+    }
+
+    /// `meshnode get`, with `--json` or printing the human-readable report.
+    pub fn spawn_with(
+        node: &peermesh_tests::Node,
+        id: &str,
+        output: PathBuf,
+        json: bool,
+    ) -> Result<Self> {
+        let mut cmd = Command::new(&Bins::get().meshnode);
+        cmd.arg("get")
             .arg("--state")
             .arg(&node.state)
             .arg(id)
             .arg("-o")
-            .arg(&output)
-            .arg("--json")
+            .arg(&output);
+        if json {
+            cmd.arg("--json");
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -130,7 +143,17 @@ impl Get {
     }
 
     /// Waits (bounded) for the report; also returns the wall time since the spawn.
-    pub fn wait(mut self, timeout: Duration) -> Result<(Value, Duration)> {
+    pub fn wait(self, timeout: Duration) -> Result<(Value, Duration)> {
+        let node = self.node.clone();
+        let (out, elapsed) = self.wait_output(timeout)?;
+        let v: Value = serde_json::from_str(out.trim())
+            .with_context(|| format!("report of {node}: {out:?}"))?;
+        Ok((v, elapsed))
+    }
+
+    /// Waits (bounded) for the command to succeed; its stdout and the wall time since the
+    /// spawn.
+    pub fn wait_output(mut self, timeout: Duration) -> Result<(String, Duration)> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -146,9 +169,7 @@ impl Get {
                 if !status.success() {
                     bail!("meshnode get on {} failed ({status}): {err}", self.node);
                 }
-                let v: Value = serde_json::from_str(out.trim())
-                    .with_context(|| format!("report of {}: {out:?}", self.node))?;
-                return Ok((v, elapsed));
+                return Ok((out, elapsed));
             }
             if Instant::now() > deadline {
                 bail!("meshnode get on {} took longer than {timeout:?}", self.node);
